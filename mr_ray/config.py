@@ -1,0 +1,224 @@
+"""Run configuration: pydantic models loaded from YAML.
+
+Unknown keys and wrong types are errors that name the offending key, so a typo
+in a config never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SampleConfig(Strict):
+    """The embedded sample catalog (mr_ray.data.sample)."""
+
+    n_products: int = Field(3000, ge=50, le=10_000_000)
+    n_queries: int = Field(600, ge=20)
+    seed: int = 0
+    second_locale_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    human_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of judged pairs that carry a human label")
+    human_noise: float = Field(0.12, ge=0.0, le=0.5, description="chance a human label is off by one grade")
+    sessions_per_query: int = Field(40, ge=1)
+
+
+class DataConfig(Strict):
+    source: Literal["sample", "canonical", "homedepot", "esci", "wands", "generic"] = "sample"
+    path: str | None = Field(None, description="file, folder or URI of the source (not used by 'sample')")
+    columns: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="generic source: per table, canonical name -> column in the file"
+    )
+    files: dict[str, str] = Field(default_factory=dict, description="generic source: per table, file path or URI")
+    sample: SampleConfig = SampleConfig()
+
+
+class EncoderConfig(Strict):
+    model: str | None = Field(None, description="sentence-transformers folder; None = the packaged all-MiniLM-L6-v2")
+    max_seq_length: int = Field(64, ge=8, le=512)
+    batch_size: int = Field(128, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_gpus_per_worker: float = Field(0.0, ge=0.0, description="Ray Data embedding actors: GPUs each (cluster)")
+    concurrency: int = Field(1, ge=1, description="Ray Data embedding actors")
+
+
+class EvaluateConfig(Strict):
+    split: Literal["train", "dev", "test"] = "test"
+    max_queries: int | None = Field(None, ge=1, description="evaluate on a seeded subset of the split's queries")
+    baselines: list[Literal["bm25", "pretrained"]] = ["bm25", "pretrained"]
+    ndcg_k: int = Field(10, ge=1)
+    recall_k: int = Field(100, ge=1)
+    precision_k: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class IndexConfig(Strict):
+    """The sharded FAISS index of the catalog and the grade thresholds (mr_ray.index)."""
+
+    factory: str = Field("Flat", description="faiss.index_factory string: Flat, HNSW32, IVF256,Flat, IVF256,PQ32 ...")
+    search_params: str = Field("", description="faiss.ParameterSpace string applied at search time, e.g. nprobe=16")
+    n_shards: int = Field(2, ge=1, le=4096)
+    train_size: int = Field(100_000, ge=1_000, description="most vectors per shard used to train IVF/PQ indexes")
+    calibration_split: Literal["train", "dev", "test"] = Field("dev", description="judged pairs that set the grade thresholds")
+
+
+class ServeConfig(Strict):
+    """The online search application (mr_ray.serve); also the app builder's args."""
+
+    shard_replicas: int = Field(1, ge=1, description="replicas of each ShardSearcher deployment")
+    shard_num_cpus: float = Field(0.25, ge=0.0)
+    shard_timeout_s: float = Field(5.0, gt=0.0, description="per attempt; a shard still silent is reported missing")
+    shard_retries: int = Field(1, ge=0, description="extra attempts on a failed shard call (Serve routes to a live replica)")
+    encoder_num_cpus: float = Field(1.0, ge=0.0)
+    encoder_num_gpus: float = Field(0.0, ge=0.0)
+    encoder_device: Literal["auto", "cpu", "cuda"] = "auto"
+    encoder_max_batch_size: int = Field(32, ge=1)
+    encoder_batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="0 = batch whatever queued while the last batch ran")
+    ingress_num_cpus: float = Field(0.25, ge=0.0)
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica, for every deployment of the app")
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    max_query_chars: int = Field(256, ge=1)
+
+
+class AugmentConfig(Strict):
+    """Additive spelling augmentation of training queries (mr_ray.data.augment)."""
+
+    rate: float = Field(0.5, ge=0.0, le=1.0, description="share of training queries that get typo copies; 0 = off")
+    copies: int = Field(1, ge=1, description="typo copies per chosen query")
+    seed: int = 0
+
+
+class TrainLoopConfig(Strict):
+    """What both contrastive stages share: batching, optimiser, Ray Train scaling."""
+
+    epochs: int = Field(1, ge=1)
+    queries_per_batch: int = Field(32, ge=2, description="queries per step; their products are each other's negatives")
+    products_per_query: int = Field(4, ge=1, description="judged (and mined) products sampled per query per step")
+    learning_rate: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_seq_length: int = Field(48, ge=8, le=512)
+    max_train_queries: int | None = Field(None, ge=1, description="train on a seeded subset of the train split")
+    num_workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    seed: int = 0
+
+
+class Stage1Config(TrainLoopConfig):
+    """Stage 1: label-aware SupCon with in-batch negatives."""
+
+    temperature: float = Field(0.05, gt=0.0, le=1.0)
+    partial_weight: float = Field(0.3, ge=0.0, lt=1.0, description="weight of grade-1 positives; 0 = not positives")
+    augment: AugmentConfig = AugmentConfig()
+    judgment_sources: list[str] = Field(
+        ["human", "llm", "audited", "synthetic"],
+        description="judgment sources to train on, later ones override earlier ones for the same pair",
+    )
+
+
+class MineConfig(Strict):
+    """Stage 2 mining: ANN top-k with the Stage-1 encoder, hard samples re-annotated."""
+
+    k: int = Field(50, ge=1, description="neighbours searched per training query")
+    index_factory: str = Field("Flat", description="FAISS index_factory string (inner product)")
+    unjudged_per_query: int = Field(4, ge=0, description="highest-ranked unjudged products kept per query")
+    boundary_per_query: int = Field(4, ge=0, description="judged products nearest a grade boundary kept per query")
+    annotator: Literal["judge", "grades"] = Field(
+        "judge", description="judge: the LLM judge from mr_ray.labeler; grades: look up an existing grades table"
+    )
+    grades_source: Literal["gold", "judgments"] = Field(
+        "gold", description="annotator=grades (or no judge available): prepare's gold/ (sample) or judgments/"
+    )
+    max_queries: int | None = Field(None, ge=1)
+
+
+class CircleConfig(Strict):
+    """Multi-class circle loss: one circle term per grade boundary (2|1 and 1|0)."""
+
+    scale: float = Field(32.0, gt=0.0, description="gamma")
+    margin_exact_partial: float = Field(0.25, ge=0.0, le=0.5)
+    margin_partial_irrelevant: float = Field(0.25, ge=0.0, le=0.5)
+    centre_exact_partial: float = Field(0.75, description="similarity the 2|1 boundary sits at (0.5 = original circle loss)")
+    centre_partial_irrelevant: float = Field(0.25, description="similarity the 1|0 boundary sits at")
+    weight_exact_partial: float = Field(1.0, ge=0.0)
+    weight_partial_irrelevant: float = Field(1.0, ge=0.0)
+
+
+class Stage2Config(TrainLoopConfig):
+    """Stage 2: refine the Stage-1 encoder on judged + mined samples."""
+
+    circle: CircleConfig = CircleConfig()
+    circle_weight: float = Field(1.0, ge=0.0)
+    supcon_weight: float = Field(1.0, ge=0.0, description="SupCon term kept next to circle (Stage-1 temperature)")
+    use_mined: bool = Field(True, description="False = ablation: no mined samples")
+    learning_rate: float = Field(2e-5, gt=0.0)
+
+
+class SweepConfig(Strict):
+    """Ray Tune sweeps: SupCon temperature (stage 1), circle margins and scale (stage 2)."""
+
+    temperatures: list[float] = [0.03, 0.05, 0.1]
+    margins: list[float] = [0.15, 0.25, 0.35]
+    scales: list[float] = [16.0, 32.0, 64.0]
+    trials_per_stage: int = Field(2, ge=1)
+    epochs: int = Field(2, ge=1, description="ASHA max_t: epochs per trial")
+    max_train_queries: int | None = Field(200, ge=1)
+    max_dev_queries: int | None = Field(100, ge=1)
+    seed: int = 0
+
+
+class RunConfig(Strict):
+    name: str = "sample"
+    data: DataConfig = DataConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
+    stage1: Stage1Config = Stage1Config()
+    mine: MineConfig = MineConfig()
+    stage2: Stage2Config = Stage2Config()
+    sweep: SweepConfig = SweepConfig()
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults) and validate it."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path or 'config'}: invalid config\n  " + "\n  ".join(lines)) from None
+
+
+def section_hash(section: BaseModel | dict | list | None) -> str:
+    """Stable content hash of a config section (used by stage manifests)."""
+    payload = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Sharded FAISS index of the catalog (build, read, merge) and per-grade score thresholds."""

