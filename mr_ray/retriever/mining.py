@@ -1,0 +1,138 @@
+"""Stage 2, mine: hard samples for each training query from the Stage-1 encoder.
+
+The catalog and the training queries are embedded with the Stage-1 encoder
+(Ray Data actors), a FAISS index (any `index_factory` string, inner product)
+is searched for the top-k products of every query, and two kinds of hard
+samples are kept per query:
+
+- unjudged products the encoder ranks highest: the likely false negatives or
+  true confusers that in-batch negatives never show;
+- judged products nearest a grade boundary (or on its wrong side): for each
+  boundary between grades present for the query, its threshold is the midpoint
+  of the mean similarities on either side, and a product's hardness is how far
+  it sits on the wrong side (t - s for the upper side, s - t for the lower).
+
+The mined pairs are then re-annotated (`annotate`) and written with
+`source=mined`.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pandas as pd
+
+from mr_ray.config import MineConfig
+
+MINED_SOURCE = "mined"
+
+
+def build_index(vectors: np.ndarray, factory: str) -> faiss.Index:
+    """A FAISS inner-product index from an `index_factory` string, trained if it needs training."""
+    try:
+        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"mine.index_factory {factory!r} is not a valid FAISS index_factory string: {err}") from None
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def boundary_hardness(scores: np.ndarray, grades: np.ndarray) -> np.ndarray:
+    """Per judged product: how far it sits on the wrong side of its nearest grade boundary (higher = harder)."""
+    hardness = np.full(len(scores), -np.inf)
+    for lowest_above in (2, 1):
+        above, below = grades >= lowest_above, grades < lowest_above
+        if not above.any() or not below.any():
+            continue
+        threshold = (scores[above].mean() + scores[below].mean()) / 2
+        side = np.where(above, threshold - scores, scores - threshold)
+        adjacent = (grades == lowest_above) | (grades == lowest_above - 1)
+        hardness = np.where(adjacent, np.maximum(hardness, side), hardness)
+    return hardness
+
+
+def mine_hard_samples(
+    query_ids: np.ndarray,
+    query_vectors: np.ndarray,
+    product_ids: np.ndarray,
+    product_vectors: np.ndarray,
+    judged: pd.DataFrame,
+    config: MineConfig,
+) -> pd.DataFrame:
+    """Hard samples per query: columns query_id, product_id, reason, rank (-1: not in the top-k), score."""
+    index = build_index(product_vectors, config.index_factory)
+    k = min(config.k, len(product_ids))
+    scores, rows = index.search(query_vectors, k)
+    row_of = {pid: i for i, pid in enumerate(product_ids)}
+    judged_by_query = {qid: group for qid, group in judged.groupby("query_id")}
+    found = []
+    for qi, qid in enumerate(query_ids):
+        group = judged_by_query.get(qid)
+        judged_ids = set(group["product_id"]) if group is not None else set()
+        kept = 0
+        for rank, (row, score) in enumerate(zip(rows[qi], scores[qi])):
+            if kept >= config.unjudged_per_query:
+                break
+            if row < 0 or product_ids[row] in judged_ids:
+                continue
+            found.append((qid, product_ids[row], "unjudged", rank, float(score)))
+            kept += 1
+        if group is None or config.boundary_per_query == 0:
+            continue
+        group = group[group["product_id"].isin(row_of)]
+        if group.empty:
+            continue
+        vectors = product_vectors[[row_of[pid] for pid in group["product_id"]]]
+        judged_scores = vectors @ query_vectors[qi]
+        hardness = boundary_hardness(judged_scores, group["grade"].to_numpy())
+        ranked = dict(zip(product_ids[rows[qi][rows[qi] >= 0]], range(k)))
+        for i in np.argsort(-hardness)[: config.boundary_per_query]:
+            if np.isfinite(hardness[i]):
+                pid = group["product_id"].iloc[i]
+                found.append((qid, pid, "boundary", ranked.get(pid, -1), float(judged_scores[i])))
+    return pd.DataFrame(found, columns=["query_id", "product_id", "reason", "rank", "score"])
+
+
+def annotate(mined: pd.DataFrame, grades: pd.DataFrame) -> pd.DataFrame:
+    """Re-annotate mined pairs from a grades table (query_id, product_id, grade); pairs it lacks are dropped.
+
+    Stands in for the LLM judge's batch labeling (mr_ray.labeler) until that is
+    wired in: the sample catalog's rule grades play the judge, on real data the
+    human judgments do (so only judged boundary pairs survive there).
+    """
+    lookup = grades[["query_id", "product_id", "grade"]].drop_duplicates(["query_id", "product_id"], keep="last")
+    out = mined.merge(lookup, on=["query_id", "product_id"], how="inner")
+    out["grade"] = out["grade"].astype(np.int8)
+    out["source"] = MINED_SOURCE
+    return out
+
+
+def mine_stage(ctx) -> dict:
+    """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
+    import ray
+
+    from mr_ray.retriever.encoder import embed_dataset
+    from mr_ray.retriever.train import read_frame, training_set
+
+    config, encoder = ctx.config.mine, ctx.config.encoder
+    model = str(ctx.input("stage1") / "model")
+    products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, config.max_queries)
+    product_ids, product_vectors = embed_dataset(ray.data.from_pandas(products[["product_id", "title"]]), "product_id", "title", encoder, model)
+    query_ids, query_vectors = embed_dataset(ray.data.from_pandas(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
+    mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
+    grades = read_frame(ctx.input("prepare"), config.grades_source)
+    annotated = annotate(mined, grades)
+    folder = ctx.out / "mined"
+    folder.mkdir()
+    annotated.to_parquet(folder / "part-00000.parquet", index=False)
+    by_reason = {
+        reason: {
+            "mined": int((mined["reason"] == reason).sum()),
+            "annotated": int((annotated["reason"] == reason).sum()),
+            **{f"grade{g}": int(((annotated["reason"] == reason) & (annotated["grade"] == g)).sum()) for g in (0, 1, 2)},
+        }
+        for reason in ("unjudged", "boundary")
+    }
+    return {"queries": len(query_ids), "annotator": f"grades:{config.grades_source}", "by_reason": by_reason}

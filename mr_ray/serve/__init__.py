@@ -1,0 +1,1 @@
+"""Online search over HTTP with Ray Serve (see mr_ray.serve.app)."""

@@ -1,0 +1,46 @@
+"""The HTTP contract of the search service: request and response models.
+
+Limits that come from the service's config (the largest k, the longest query)
+are checked by the ingress, which knows them; everything else is checked here.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mr_ray.grades import Grade
+
+
+class SearchRequest(BaseModel):
+    """Query parameters of GET /search and the JSON body of POST /search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(description="the shopper's query text")
+    k: int | None = Field(None, description="how many products to return (default and maximum set by the service)")
+    min_grade: Grade | None = Field(
+        None, description="drop products predicted below this grade: 2 = exact only, 1 = exact and substitutes/complements"
+    )
+
+    @field_validator("query")
+    @classmethod
+    def not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query is empty")
+        return value
+
+
+class Product(BaseModel):
+    product_id: str
+    title: str
+    score: float = Field(description="cosine similarity of query and product")
+    grade: Grade = Field(description="predicted grade tier from the calibrated score thresholds")
+    grade_name: str
+
+
+class SearchResponse(BaseModel):
+    query: str
+    k: int
+    results: list[Product]
+    missing_shards: list[str] = Field(description="shards that did not answer; the results come from the others")
+    shards: int

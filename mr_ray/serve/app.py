@@ -1,0 +1,221 @@
+"""Online search on Ray Serve: query encoder + one searcher per FAISS shard + HTTP ingress.
+
+    HTTP -> SearchIngress --(one query)--> QueryEncoder (batched, autoscaled)
+                         \--(its vector)--> ShardSearcher_0 .. ShardSearcher_{n-1} (in parallel)
+                         <-- merged top-k, each product with its predicted grade tier
+
+`build_app(args)` is the application builder named in `serve_configs/*.yaml`
+(`serve run serve_configs/local.yaml`); `serve_run(run_dir)` starts the same
+app on a run folder from Python or the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
+from typing_extensions import Annotated
+
+from mr_ray.config import ServeConfig
+from mr_ray.grades import GRADE_NAMES, Grade
+from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_hits, read_index_manifest
+from mr_ray.index.thresholds import GradeThresholds
+from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.serve.api import SearchRequest, SearchResponse
+
+logger = logging.getLogger("ray.serve")
+APP_NAME = "search"
+
+
+class ServeArgs(ServeConfig):
+    """The app builder's args: the index folder plus the serve options."""
+
+    index_dir: str
+
+
+@serve.deployment(
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    max_ongoing_requests=64,
+)
+class QueryEncoder:
+    """Encodes query texts, batching the requests that queue up while a batch runs."""
+
+    def __init__(self, model_path: str | None, device: str, max_seq_length: int, max_batch_size: int, batch_wait_timeout_s: float):
+        self.model = load_encoder(model_path, device, max_seq_length)
+        self.encode_batch.set_max_batch_size(max_batch_size)
+        self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch
+    async def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # In a thread, so requests keep queueing (and form the next batch) while this one encodes.
+        vectors = await asyncio.to_thread(encode, self.model, texts, len(texts))
+        return list(vectors)
+
+    async def __call__(self, text: str) -> np.ndarray:
+        return await self.encode_batch(text)
+
+
+@serve.deployment(max_ongoing_requests=64)
+class ShardSearcher:
+    """Holds one FAISS shard in memory and answers top-k searches on it."""
+
+    def __init__(self, folder: str, search_params: str):
+        self.shard = ShardIndex(folder, search_params)
+
+    def search(self, vector: np.ndarray, k: int):
+        return self.shard.search(vector, k)
+
+
+api = FastAPI(
+    title="mr-ray search",
+    description="Graded-relevance product search: top-k products with a predicted grade tier (2 exact, 1 partial, 0 irrelevant).",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def readable_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    """One readable line per problem ("k: Input should be a valid integer"), plus FastAPI's details."""
+    problems = []
+    for error in err.errors():
+        field = ".".join(str(p) for p in error["loc"][1:]) or str(error["loc"][0])
+        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        problems.append(f"{field}: {message}")
+    return JSONResponse(status_code=422, content={"detail": "; ".join(problems), "errors": jsonable_encoder(err.errors())})
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(api)
+class SearchIngress:
+    """Encodes the query once, fans out to every shard in parallel, merges the top-k."""
+
+    def __init__(self, encoder, shards: list, shard_names: list[str], thresholds: dict, info: dict, options: dict):
+        self.encoder = encoder
+        self.shards = shards
+        self.shard_names = shard_names
+        self.thresholds = GradeThresholds(**thresholds)
+        self.info = info
+        self.options = ServeConfig(**options)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", **self.info, "thresholds": {"exact": self.thresholds.exact, "partial": self.thresholds.partial}}
+
+    @api.get("/search", response_model=SearchResponse)
+    async def search_get(self, request: Annotated[SearchRequest, Query()]) -> dict:
+        return await self.search(request)
+
+    @api.post("/search", response_model=SearchResponse)
+    async def search_post(self, request: SearchRequest) -> dict:
+        return await self.search(request)
+
+    async def search(self, request: SearchRequest) -> dict:
+        k = self.options.default_k if request.k is None else request.k
+        if not 1 <= k <= self.options.max_k:
+            raise HTTPException(422, f"k: {k} is out of range; 1 <= k <= {self.options.max_k}")
+        if len(request.query) > self.options.max_query_chars:
+            raise HTTPException(
+                422, f"query: {len(request.query)} characters is too long; at most {self.options.max_query_chars}"
+            )
+        try:
+            vector = await self.encoder.remote(request.query)
+        except (RayError, RayServeException) as err:
+            logger.warning("query encoder failed: %r", err)
+            raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
+        answers = await asyncio.gather(*(self.search_shard(shard, vector, k) for shard in range(len(self.shards))))
+        missing = [name for name, hits in zip(self.shard_names, answers) if hits is None]
+        found = [hits for hits in answers if hits is not None]
+        if not found:
+            raise HTTPException(503, f"no shard answered ({', '.join(missing)}); retry shortly")
+        results = merge_hits(found, k).rows(0)
+        grades = self.thresholds.grade([row["score"] for row in results])
+        products = [
+            {**row, "grade": int(grade), "grade_name": GRADE_NAMES[Grade(int(grade))]}
+            for row, grade in zip(results, grades)
+            if request.min_grade is None or grade >= request.min_grade
+        ]
+        return {"query": request.query, "k": k, "results": products, "missing_shards": missing, "shards": len(self.shards)}
+
+    async def search_shard(self, shard: int, vector: np.ndarray, k: int):
+        """A shard's hits, or None once every attempt failed (the response then names the shard)."""
+        for attempt in range(1 + self.options.shard_retries):
+            try:
+                return await asyncio.wait_for(self.shards[shard].search.remote(vector, k), self.options.shard_timeout_s)
+            except (RayError, RayServeException, TimeoutError) as err:
+                logger.warning("%s attempt %d failed: %r", self.shard_names[shard], attempt + 1, err)
+        return None
+
+
+def build_app(args: dict):
+    """Serve application builder: `import_path: mr_ray.serve.app:build_app` with `args` (see ServeArgs)."""
+    try:
+        options = ServeArgs.model_validate(args)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ValueError("invalid search app args\n  " + "\n  ".join(lines)) from None
+    index_dir = Path(options.index_dir).resolve()
+    manifest = read_index_manifest(index_dir)
+    thresholds = GradeThresholds.load(index_dir)
+    encoder = QueryEncoder.options(
+        ray_actor_options={"num_cpus": options.encoder_num_cpus, "num_gpus": options.encoder_num_gpus},
+        max_ongoing_requests=options.max_ongoing_requests,
+    ).bind(
+        index_encoder_path(index_dir, manifest),
+        options.encoder_device,
+        manifest["encoder"]["max_seq_length"],
+        options.encoder_max_batch_size,
+        options.encoder_batch_wait_timeout_s,
+    )
+    shards, names = [], []
+    for number, shard in enumerate(manifest["shards"]):
+        names.append(shard["name"])
+        shards.append(
+            ShardSearcher.options(
+                name=f"ShardSearcher_{number}",
+                num_replicas=options.shard_replicas,
+                ray_actor_options={"num_cpus": options.shard_num_cpus},
+                max_ongoing_requests=options.max_ongoing_requests,
+            ).bind(str(index_dir / shard["path"]), manifest["search_params"])
+        )
+    info = {
+        "index_dir": str(index_dir),
+        "products": manifest["products"],
+        "factory": manifest["factory"],
+        "encoder": manifest["encoder"]["source"],
+        "shards": len(shards),
+    }
+    return SearchIngress.options(
+        ray_actor_options={"num_cpus": options.ingress_num_cpus}, max_ongoing_requests=options.max_ongoing_requests
+    ).bind(encoder, shards, names, thresholds.__dict__, info, options.model_dump(exclude={"index_dir"}))
+
+
+def serve_run(
+    run_dir: str | Path,
+    config: ServeConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    blocking: bool = True,
+):
+    """Serve the index of a finished run (`run_dir/index`) over HTTP; the hook behind `mr-ray serve`.
+
+    Connects to the Ray cluster in RAY_ADDRESS if set, else starts a local one.
+    Returns the ingress handle when `blocking` is False.
+    """
+    import ray
+
+    index_dir = Path(run_dir) / "index"
+    read_index_manifest(index_dir)  # fail before starting anything when the run has no index
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    args = {"index_dir": str(index_dir), **(config or ServeConfig()).model_dump()}
+    return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -1,0 +1,57 @@
+"""Metrics: graded (not binary) NDCG, exact-only recall/precision, separation AUCs."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mr_ray.config import EvaluateConfig
+from mr_ray.evaluate import bm25_run, evaluate_retrieval, separation_metrics
+
+
+def judgments(rows):
+    return pd.DataFrame(rows, columns=["query_id", "product_id", "grade"])
+
+
+def dcg(gains):
+    return sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+
+
+def test_ndcg_uses_graded_gains():
+    # q1 has one exact (e) and one partial (p) product; the run puts the partial first.
+    truth = judgments([("q1", "e", 2), ("q1", "p", 1), ("q1", "x", 0)])
+    run = {"q1": {"p": 0.9, "e": 0.8, "x": 0.1}}
+    metrics = evaluate_retrieval(run, truth, EvaluateConfig())
+    expected = dcg([1, 2, 0]) / dcg([2, 1, 0])
+    assert metrics["ndcg@10"] == pytest.approx(expected, abs=1e-6)
+    # Binary gains would call this ranking perfect (both relevant items on top).
+    assert metrics["ndcg@10"] < 0.95
+    assert metrics["recall@100_exact"] == pytest.approx(1.0)
+    assert metrics["precision@10_exact"] == pytest.approx(0.1)
+
+
+def test_exact_recall_ignores_partials():
+    truth = judgments([("q1", "e1", 2), ("q1", "e2", 2), ("q1", "p", 1)])
+    run = {"q1": {"p": 0.9, "e1": 0.8}}
+    metrics = evaluate_retrieval(run, truth, EvaluateConfig())
+    assert metrics["recall@100_exact"] == pytest.approx(0.5)
+
+
+def test_separation_metrics_hand_case():
+    grades = np.array([2, 2, 1, 1, 0, 0])
+    cosines = np.array([0.9, 0.6, 0.7, 0.4, 0.5, 0.1])
+    out = separation_metrics(grades, cosines)
+    # pairs (2 over 1): 0.9>0.7, 0.9>0.4, 0.6<0.7, 0.6>0.4 -> 3/4
+    assert out["auc_2_over_1"] == pytest.approx(0.75)
+    # pairs (1 over 0): 0.7>0.5, 0.7>0.1, 0.4<0.5, 0.4>0.1 -> 3/4
+    assert out["auc_1_over_0"] == pytest.approx(0.75)
+    assert out["mean_cos_grade2"] == pytest.approx(0.75)
+
+
+def test_bm25_finds_the_matching_title():
+    products = pd.DataFrame({"product_id": ["a", "b", "c"], "title": ["cordless drill 18v", "red running shoes", "drill bits set"]})
+    queries = pd.DataFrame({"query_id": ["q"], "text": ["running shoes"]})
+    run = bm25_run(products, queries, k=3)
+    assert max(run["q"], key=run["q"].get) == "b"
+    assert "a" not in run["q"]  # no shared term, no score
