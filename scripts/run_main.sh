@@ -15,6 +15,43 @@ GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
 export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
 export RAY_USAGE_STATS_ENABLED=0
 
+HEAD_PID=""
+if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
+  # Started from the venv, so the job's `python` is the venv's. --block keeps
+  # the head in this script's hands: stopping it stops only this cluster.
+  ray start --head --block --num-cpus "${MR_RAY_NUM_CPUS:-2}" --port "$GCS_PORT" --dashboard-host 127.0.0.1 \
+    --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats >"$ROOT/.ray-head.log" 2>&1 &
+  HEAD_PID=$!
+  for _ in $(seq 120); do
+    curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null 2>&1 && break
+    kill -0 "$HEAD_PID" 2>/dev/null || { cat "$ROOT/.ray-head.log"; exit 1; }
+    sleep 1
+  done
+fi
+stop_cluster() {
+  if [[ -n "$HEAD_PID" && "${MR_RAY_KEEP_CLUSTER:-0}" != 1 ]]; then
+    kill -TERM "$HEAD_PID" 2>/dev/null || true
+    wait "$HEAD_PID" 2>/dev/null || true
+  fi
+}
+trap stop_cluster EXIT
+
+ray job submit` the whole
+# pipeline on the embedded sample catalog, print the evaluation report.
+# Env: MR_RAY_CONFIG (default jobs/configs/sample.yaml), MR_RAY_RUN_DIR
+# (default runs/sample), MR_RAY_KEEP_CLUSTER=1 to leave the cluster running
+# (for `mr-ray serve` afterwards).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+source "$ROOT/.venv/bin/activate"
+CONFIG="$(realpath "${MR_RAY_CONFIG:-$ROOT/jobs/configs/sample.yaml}")"
+RUN_DIR="$(realpath -m "${MR_RAY_RUN_DIR:-$ROOT/runs/sample}")"
+DASHBOARD_PORT="${MR_RAY_DASHBOARD_PORT:-8265}"
+GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
+export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
+export RAY_USAGE_STATS_ENABLED=0
+
 started_here=0
 if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
   # Started from the venv, so the job's `python` is the venv's.

@@ -145,7 +145,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainLoopConfig, total_steps:
 def embed(model, texts: list[str], device) -> torch.Tensor:
     """Normalised embeddings with gradients, in one forward (DDP wants one per step)."""
     encoder = getattr(model, "module", model)
-    features = {k: v.to(device) for k, v in encoder.tokenize(texts).items()}
+    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoder.preprocess(texts).items()}
     return F.normalize(model(features)["sentence_embedding"], dim=-1)
 
 
