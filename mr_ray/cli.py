@@ -79,5 +79,34 @@ def import_data(
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    prepared: Path = typer.Option(..., help="a prepare output (or `mr-ray data import`) folder"),
+    out: Path = typer.Option(..., help="folder for report.md, report.json, similarity_hist.png"),
+    split: str = typer.Option("test"),
+    model: list[str] = typer.Option([], help="extra encoder as NAME=FOLDER (repeatable)"),
+    config: Optional[Path] = typer.Option(None, help="run config YAML for encoder/evaluate settings"),
+    address: Optional[str] = typer.Option(None),
+):
+    """Evaluate BM25, the pretrained encoder and any given encoders on a prepared dataset."""
+    import json
+
+    from mr_ray.evaluate import evaluate_systems, render_report
+    from mr_ray.retriever.encoder import pretrained_model_path
+
+    cfg = load_config(config, overrides={"evaluate.split": split})
+    models = {"pretrained": pretrained_model_path()} if "pretrained" in cfg.evaluate.baselines else {}
+    for item in model:
+        name, _, folder = item.partition("=")
+        models[name] = folder
+    _init_ray(address)
+    out.mkdir(parents=True, exist_ok=True)
+    result = evaluate_systems(prepared, models, cfg.evaluate, cfg.encoder, out / "similarity_hist.png")
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    report = render_report(result, f"mr-ray evaluation: {prepared}")
+    (out / "report.md").write_text(report + "\n![similarity histograms](similarity_hist.png)\n")
+    typer.echo(report)
+
+
 if __name__ == "__main__":
     app()

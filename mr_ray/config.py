@@ -74,15 +74,15 @@ class ServeConfig(Strict):
     """The online search application (mr_ray.serve); also the app builder's args."""
 
     shard_replicas: int = Field(1, ge=1, description="replicas of each ShardSearcher deployment")
-    shard_num_cpus: float = Field(0.25, ge=0.0)
+    shard_num_cpus: float = Field(0.1, ge=0.0)
     shard_timeout_s: float = Field(5.0, gt=0.0, description="per attempt; a shard still silent is reported missing")
     shard_retries: int = Field(1, ge=0, description="extra attempts on a failed shard call (Serve routes to a live replica)")
-    encoder_num_cpus: float = Field(1.0, ge=0.0)
+    encoder_num_cpus: float = Field(0.5, ge=0.0)
     encoder_num_gpus: float = Field(0.0, ge=0.0)
     encoder_device: Literal["auto", "cpu", "cuda"] = "auto"
     encoder_max_batch_size: int = Field(32, ge=1)
     encoder_batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="0 = batch whatever queued while the last batch ran")
-    ingress_num_cpus: float = Field(0.25, ge=0.0)
+    ingress_num_cpus: float = Field(0.1, ge=0.0)
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, for every deployment of the app")
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
@@ -174,6 +174,89 @@ class SweepConfig(Strict):
     seed: int = 0
 
 
+class JudgeEngineConfig(Strict):
+    """vLLM engine inside Ray Data (`ray.data.llm`): CPU here, GPUs on a cluster."""
+
+    batch_size: int = Field(64, ge=1, description="rows per Ray Data batch sent to an engine")
+    concurrency: int = Field(1, ge=1, description="engine replicas")
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_gpus_per_replica: float = Field(0.0, ge=0.0, description="0 = CPU engine (placement bundle of one CPU)")
+    max_model_len: int = Field(512, ge=64)
+    max_num_seqs: int = Field(64, ge=1)
+    kv_cache_gib: float = Field(1.0, gt=0.0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+
+
+class JudgeFinetuneConfig(Strict):
+    """Ray Train fine-tune of the judge on human labels (class-balanced, checkpointed)."""
+
+    max_examples: int | None = Field(480, ge=10, description="seeded class-balanced subsample of the training labels; None = all")
+    holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="human labels held out (by query) for evaluation")
+    max_holdout: int | None = Field(300, ge=10, description="held-out pairs scored after training; None = all")
+    train_layers: int | None = Field(4, ge=1, description="train only the top N transformer blocks (+ final norm); None = full fine-tune")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    checkpoint_every: int = Field(10, ge=1, description="steps between Ray Train checkpoints")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(2.0, gt=0.0)
+    seed: int = 0
+
+
+class LabelConfig(Strict):
+    """Batch labeling of (query, product) pairs; on the sample, the judged pool."""
+
+    max_queries: int | None = Field(40, ge=1, description="label the pool pairs of a seeded subset of queries; None = all")
+    pairs: str | None = Field(None, description="extra Parquet file/folder of (query_id, product_id) pairs to label")
+    shard_rows: int = Field(128, ge=1, description="rows per resumable output shard")
+    seed: int = 0
+
+
+class AuditRulesConfig(Strict):
+    """When engagement contradicts a judge grade (rates are per impression, or per click for carts)."""
+
+    min_impressions: int = Field(20, ge=1, description="rules on rates need at least this many impressions")
+    irrelevant_max_cart_rate: float = Field(0.01, ge=0.0, description="grade 0 with add-to-cart/impression above this")
+    irrelevant_max_click_rate: float = Field(0.08, ge=0.0, description="grade 0 with clicks/impression above this")
+    exact_min_click_rate: float = Field(0.02, ge=0.0, description="grade 2 with clicks/impression below this")
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="judge confidence below this")
+
+
+class AuditConfig(Strict):
+    rules: AuditRulesConfig = AuditRulesConfig()
+    rejudge_model: str | None = Field(None, description="a stronger judge's folder; None = the fine-tuned judge")
+    prompt_variants: int = Field(3, ge=1, description="guideline/field variants whose probabilities are averaged")
+    use_engagement_evidence: bool = Field(
+        True, description="multiply the re-judge's probabilities by the engagement likelihood per grade (rates fit on human labels)"
+    )
+
+
+class SynthesizeConfig(Strict):
+    """Synthetic queries for products without any (long tail), written and graded by the judge."""
+
+    max_products: int = Field(24, ge=1)
+    samples_per_product: int = Field(2, ge=1)
+    temperature: float = Field(0.8, ge=0.0)
+    max_new_tokens: int = Field(16, ge=2)
+    min_words: int = Field(2, ge=1)
+    max_words: int = Field(8, ge=1)
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="keep pairs the judge grades with at least this confidence")
+    seed: int = 0
+
+
+class JudgeConfig(Strict):
+    """The LLM judge: base model, fine-tune, batch labeling, engagement audit, synthetic queries."""
+
+    model: str | None = Field(None, description="causal LM folder or .gguf; None = the packaged SmolLM2-135M-Instruct GGUF")
+    engine: JudgeEngineConfig = JudgeEngineConfig()
+    finetune: JudgeFinetuneConfig = JudgeFinetuneConfig()
+    label: LabelConfig = LabelConfig()
+    audit: AuditConfig = AuditConfig()
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+
+
 class RunConfig(Strict):
     name: str = "sample"
     data: DataConfig = DataConfig()
@@ -185,6 +268,7 @@ class RunConfig(Strict):
     mine: MineConfig = MineConfig()
     stage2: Stage2Config = Stage2Config()
     sweep: SweepConfig = SweepConfig()
+    judge: JudgeConfig = JudgeConfig()
 
 
 class ConfigError(ValueError):

@@ -42,6 +42,10 @@ class Stage:
 # The main job, in order. A stage's `config` lists the RunConfig sections it reads.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
+    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge",)),
+    Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge",)),
+    Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge",)),
+    Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge",)),
     Stage("stage1", "mr_ray.retriever.train:stage1_stage", ("prepare",), ("encoder", "stage1")),
     Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "stage1"), ("encoder", "stage1", "mine")),
     Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "stage1", "mine"), ("encoder", "stage1", "stage2")),

@@ -3,7 +3,7 @@
 # pipeline on the embedded sample catalog, print the evaluation report.
 # Env: MR_RAY_CONFIG (default jobs/configs/sample.yaml), MR_RAY_RUN_DIR
 # (default runs/sample), MR_RAY_KEEP_CLUSTER=1 to leave the cluster running
-# (for `mr-ray serve` afterwards).
+# (for `mr-ray serve` afterwards), MR_RAY_GCS_PORT / MR_RAY_DASHBOARD_PORT.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
@@ -17,14 +17,14 @@ export RAY_USAGE_STATS_ENABLED=0
 
 HEAD_PID=""
 if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
-  # Started from the venv, so the job's `python` is the venv's. --block keeps
+  # Started from the venv, so the job's python is the venv's. --block keeps
   # the head in this script's hands: stopping it stops only this cluster.
   ray start --head --block --num-cpus "${MR_RAY_NUM_CPUS:-2}" --port "$GCS_PORT" --dashboard-host 127.0.0.1 \
-    --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats >"$ROOT/.ray-head.log" 2>&1 &
+    --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats >"$RUN_DIR.ray-head.log" 2>&1 &
   HEAD_PID=$!
-  for _ in $(seq 120); do
+  for _ in $(seq 180); do
     curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null 2>&1 && break
-    kill -0 "$HEAD_PID" 2>/dev/null || { cat "$ROOT/.ray-head.log"; exit 1; }
+    kill -0 "$HEAD_PID" 2>/dev/null || { cat "$RUN_DIR.ray-head.log"; exit 1; }
     sleep 1
   done
 fi
@@ -36,34 +36,20 @@ stop_cluster() {
 }
 trap stop_cluster EXIT
 
-ray job submit` the whole
-# pipeline on the embedded sample catalog, print the evaluation report.
-# Env: MR_RAY_CONFIG (default jobs/configs/sample.yaml), MR_RAY_RUN_DIR
-# (default runs/sample), MR_RAY_KEEP_CLUSTER=1 to leave the cluster running
-# (for `mr-ray serve` afterwards).
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$ROOT/scripts/setup.sh"
-source "$ROOT/.venv/bin/activate"
-CONFIG="$(realpath "${MR_RAY_CONFIG:-$ROOT/jobs/configs/sample.yaml}")"
-RUN_DIR="$(realpath -m "${MR_RAY_RUN_DIR:-$ROOT/runs/sample}")"
-DASHBOARD_PORT="${MR_RAY_DASHBOARD_PORT:-8265}"
-GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
-export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
-export RAY_USAGE_STATS_ENABLED=0
-
-started_here=0
-if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
-  # Started from the venv, so the job's `python` is the venv's.
-  ray start --head --num-cpus 2 --port "$GCS_PORT" --dashboard-host 127.0.0.1 \
-    --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats >/dev/null
-  started_here=1
-fi
-stop_cluster() {
-  if [[ "$started_here" == 1 && "${MR_RAY_KEEP_CLUSTER:-0}" != 1 ]]; then ray stop --force >/dev/null 2>&1 || true; fi
-}
-trap stop_cluster EXIT
-
-ray job submit --address "http://127.0.0.1:$DASHBOARD_PORT" -- \
-  python "$ROOT/jobs/run_pipeline.py" --config "$CONFIG" --run-dir "$RUN_DIR"
+ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
+JOB_ID="mr-ray-$(date +%Y%m%d-%H%M%S)-$$"
+# A fresh head serves HTTP a little before its job agent is up: retry the submit alone.
+for attempt in $(seq 60); do
+  if ray job submit --address "$ADDRESS" --submission-id "$JOB_ID" --no-wait -- \
+      python "$ROOT/jobs/run_pipeline.py" --config "$CONFIG" --run-dir "$RUN_DIR" >"$RUN_DIR.submit.log" 2>&1; then
+    break
+  fi
+  grep -q "No available agent" "$RUN_DIR.submit.log" || { cat "$RUN_DIR.submit.log"; exit 1; }
+  sleep 2
+done
+echo "[mr-ray] submitted job $JOB_ID to $ADDRESS"
+ray job logs --address "$ADDRESS" --follow "$JOB_ID"
+STATUS="$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -o "Status for job.*" | tail -1)"
+echo "[mr-ray] $STATUS"
+[[ "$STATUS" == *SUCCEEDED* ]] || exit 1
 echo "[mr-ray] report: $RUN_DIR/evaluate/report.md"

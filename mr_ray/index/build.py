@@ -1,9 +1,10 @@
 """Build the sharded FAISS index of the catalog, and the `index` pipeline stage.
 
-The catalog is cut into `n_shards` contiguous row ranges; each range is
-embedded with Ray Data (`embed_dataset`), turned into its own FAISS index and
-written out before the next one starts, so build memory is bounded by one
-shard's vectors, not the catalog's.
+The catalog streams once through Ray Data encoder actors (`iter_embedded`);
+every `n_products / n_shards` embedded rows become one shard: its own FAISS
+index (any `index_factory` string, inner product) and product-id map, written
+out before the next shard fills, so build memory is bounded by one shard's
+vectors, not the catalog's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mr_ray.data.prepare import read_table
 from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_PRODUCTS_FILE
 from mr_ray.index.thresholds import calibrate_thresholds
 from mr_ray.pipeline import read_manifest
-from mr_ray.retriever.encoder import embed_dataset
+from mr_ray.retriever.encoder import encode, iter_embedded, load_encoder
 
 # Trained encoders in the order they are preferred: Stage 2 refines Stage 1.
 TRAINED_ENCODER_STAGES = ("stage2", "stage1")
@@ -74,38 +75,58 @@ def build_faiss_index(vectors: np.ndarray, factory: str, search_params: str = ""
     return index
 
 
+def write_shard(folder: Path, index, product_ids: list[str], titles: list[str]) -> None:
+    """One shard folder: the FAISS index and its product-id map (row i = FAISS id i)."""
+    import faiss
+
+    folder.mkdir(parents=True)
+    faiss.write_index(index, str(folder / SHARD_INDEX_FILE))
+    pq.write_table(pa.table({"product_id": product_ids, "title": titles}), folder / SHARD_PRODUCTS_FILE)
+
+
 def build_index(
-    products: pa.Table,
+    products,
     out: Path,
     index_cfg: IndexConfig,
     encoder_cfg: EncoderConfig,
     model_path: str | None,
     keep_vectors_of: set[str] = frozenset(),
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Write one folder per shard into `out`; returns the shard list and the vectors of `keep_vectors_of`."""
-    import faiss
-    import ray
+    """Write one folder per shard into `out` from a Ray Dataset of (product_id, title).
 
-    products = products.select(["product_id", "title"])
+    The catalog streams through the encoder actors once; a shard is built and
+    written as soon as enough embedded rows have arrived, so at most one shard
+    (plus one batch) of vectors is held. Returns the shard list and the vectors
+    of the products in `keep_vectors_of`.
+    """
+    sizes = [stop - start for start, stop in shard_bounds(products.count(), index_cfg.n_shards)]
     kept: dict[str, np.ndarray] = {}
-    shards = []
-    for number, (start, stop) in enumerate(shard_bounds(products.num_rows, index_cfg.n_shards)):
-        part = products.slice(start, stop - start)
-        ids, vectors = embed_dataset(ray.data.from_arrow(part), "product_id", "title", encoder_cfg, model_path)
-        # Ray Data returns rows in its own order: the FAISS row order follows the returned ids.
-        titles = pd.Series(part.column("title").to_pylist(), index=part.column("product_id").to_pylist())
-        started = time.perf_counter()
-        index = build_faiss_index(vectors, index_cfg.factory, index_cfg.search_params, index_cfg.train_size, seed=number)
-        name = f"shard-{number:03d}"
-        (out / name).mkdir(parents=True)
-        faiss.write_index(index, str(out / name / SHARD_INDEX_FILE))
-        pq.write_table(
-            pa.table({"product_id": ids.tolist(), "title": titles.loc[ids].tolist()}), out / name / SHARD_PRODUCTS_FILE
-        )
-        kept.update((pid, vec) for pid, vec in zip(ids, vectors) if pid in keep_vectors_of)
-        shards.append({"name": name, "path": name, "products": int(len(ids)), "build_s": round(time.perf_counter() - started, 3)})
-        del index, vectors
+    shards: list[dict] = []
+    pending: list[dict] = []  # embedded batches not yet in a shard
+    pending_rows = 0
+    for batch in iter_embedded(products, "product_id", "title", encoder_cfg, model_path):
+        ids = batch["product_id"].astype(str)
+        kept.update((pid, vec) for pid, vec in zip(ids, batch["embedding"]) if pid in keep_vectors_of)
+        pending.append({"product_id": ids, "title": batch["title"], "embedding": batch["embedding"]})
+        pending_rows += len(ids)
+        while len(shards) < len(sizes) and pending_rows >= sizes[len(shards)]:
+            size = sizes[len(shards)]
+            rows = {column: np.concatenate([b[column] for b in pending]) for column in ("product_id", "title", "embedding")}
+            shards.append(build_shard(out, len(shards), rows, size, index_cfg))
+            pending = [{column: values[size:] for column, values in rows.items()}]
+            pending_rows -= size
+    if len(shards) != len(sizes) or pending_rows:
+        raise RuntimeError(f"the catalog changed while it was indexed: expected {sum(sizes)} products")
     return shards, kept
+
+
+def build_shard(out: Path, number: int, rows: dict[str, np.ndarray], size: int, index_cfg: IndexConfig) -> dict:
+    """Index the first `size` embedded rows as shard `number`; returns its manifest entry."""
+    started = time.perf_counter()
+    index = build_faiss_index(rows["embedding"][:size], index_cfg.factory, index_cfg.search_params, index_cfg.train_size, seed=number)
+    name = f"shard-{number:03d}"
+    write_shard(out / name, index, rows["product_id"][:size].tolist(), [str(t) for t in rows["title"][:size]])
+    return {"name": name, "path": name, "products": size, "build_s": round(time.perf_counter() - started, 3)}
 
 
 def calibration_pairs(prepared: Path, split: str) -> pd.DataFrame:
@@ -119,28 +140,33 @@ def calibration_pairs(prepared: Path, split: str) -> pd.DataFrame:
 
 
 def pair_scores(pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None) -> np.ndarray:
-    """Cosine score of each judged pair under the encoder that built the index."""
-    import ray
+    """Cosine score of each judged pair under the encoder that built the index.
 
-    texts = pairs[["query_id", "text"]].drop_duplicates("query_id")
-    qids, qvecs = embed_dataset(ray.data.from_pandas(texts), "query_id", "text", encoder_cfg, model_path)
-    query_row = {qid: row for row, qid in enumerate(qids)}
+    The split's few queries are encoded in the driver; the products' vectors
+    come from the index build.
+    """
     missing = sorted(set(pairs["product_id"]) - product_vectors.keys())
     if missing:
         raise ValueError(f"judged product(s) not in the catalog, e.g. product_id {missing[0]!r} ({len(missing)} in all)")
-    q = qvecs[[query_row[qid] for qid in pairs["query_id"]]]
+    texts = pairs["text"].drop_duplicates().tolist()
+    model = load_encoder(model_path, "auto", encoder_cfg.max_seq_length)
+    query_vectors = dict(zip(texts, encode(model, texts, encoder_cfg.batch_size)))
+    q = np.stack([query_vectors[text] for text in pairs["text"]])
     p = np.stack([product_vectors[pid] for pid in pairs["product_id"]])
     return np.einsum("ij,ij->i", q, p)
 
 
 def index_stage(ctx) -> dict:
     """Pipeline stage `index`: sharded FAISS index of the prepared catalog + grade thresholds."""
+    import ray
+
     config, prepared = ctx.config, ctx.input("prepare")
     model_path, encoder_source = choose_encoder(ctx.run_dir, config.encoder)
     pairs = calibration_pairs(prepared, config.index.calibration_split)
-    products = read_table(prepared, "products")
+    products = ray.data.read_parquet(str(prepared / "products"), columns=["product_id", "title"])
     started = time.perf_counter()
     shards, kept = build_index(products, ctx.out, config.index, config.encoder, model_path, set(pairs["product_id"]))
+    n_products = sum(shard["products"] for shard in shards)
     thresholds, report = calibrate_thresholds(pair_scores(pairs, kept, config.encoder, model_path), pairs["grade"].to_numpy())
     thresholds.save(ctx.out, {"split": config.index.calibration_split, **report})
     # The stage folder is renamed to run_dir/index when it finishes: store trained
@@ -154,13 +180,13 @@ def index_stage(ctx) -> dict:
         "search_params": config.index.search_params,
         "metric": "inner_product",
         "dim": dim,
-        "products": int(products.num_rows),
+        "products": n_products,
         "encoder": {"source": encoder_source, "path": stored_path, "max_seq_length": config.encoder.max_seq_length},
         "shards": shards,
     }
     (ctx.out / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return {
-        "products": int(products.num_rows),
+        "products": n_products,
         "shards": len(shards),
         "factory": config.index.factory,
         "encoder": encoder_source,

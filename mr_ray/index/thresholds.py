@@ -53,7 +53,7 @@ def boundary_threshold(scores: np.ndarray, above: np.ndarray, boundary: str) -> 
         side = "below" if above.all() else "above"
         raise ValueError(f"cannot calibrate boundary {boundary}: no judged pair {side} it ({len(scores)} pairs)")
     fpr, tpr, cuts = roc_curve(above, scores)
-    best = int(np.argmax(tpr - fpr))
+    best = 1 + int(np.argmax((tpr - fpr)[1:]))  # cuts[0] is +inf, "nothing above": not a threshold
     cut = float(cuts[best])
     lower = scores[scores < cut]
     threshold = (cut + float(lower.max())) / 2 if lower.size else cut

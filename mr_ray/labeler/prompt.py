@@ -24,8 +24,8 @@ Examples: "red running shoes" -> red running shoes: 2; blue running shoes: 1; sn
 # The answer tokens, in grade order.
 GRADE_TOKENS = ("0", "1", "2")
 
-# Product fields shown to the judge, in this order, when present.
-PRODUCT_FIELDS = ("title", "brand", "color", "category", "description")
+# Product fields the fine-tuned judge sees, in this order, when present.
+PRODUCT_FIELDS = ("title", "brand", "color", "category")
 DESCRIPTION_CHARS = 160
 
 
@@ -34,15 +34,17 @@ class PromptError(ValueError):
 
 
 def render_pair(query: str, product: dict) -> str:
-    """The user turn for one (query, product) pair; raises PromptError on a blank query or title."""
+    """The user turn for one (query, product) pair, product fields in `product`'s order.
+
+    Raises PromptError on a blank query or title; other blank fields are left out.
+    """
     if not isinstance(query, str) or not query.strip():
         raise PromptError("query text is missing or blank")
     title = product.get("title")
     if not isinstance(title, str) or not title.strip():
         raise PromptError("product title is missing or blank")
     lines = [f"Query: {query.strip()}"]
-    for field in PRODUCT_FIELDS:
-        value = product.get(field)
+    for field, value in product.items():
         if isinstance(value, str) and value.strip():
             text = value.strip()
             if field == "description" and len(text) > DESCRIPTION_CHARS:

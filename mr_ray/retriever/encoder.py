@@ -60,11 +60,12 @@ class _EmbedBatch:
         return batch
 
 
-def embed_dataset(ds, id_column: str, text_column: str, config: EncoderConfig, model_path: str | None = None):
-    """Embed a Ray Dataset's `text_column` with pooled actors; returns (ids, matrix).
+def iter_embedded(ds, id_column: str, text_column: str, config: EncoderConfig, model_path: str | None = None):
+    """Stream a Ray Dataset through pooled encoder actors: yields numpy batches of
+    `id_column`, `text_column` and `embedding` (float32, one row per text).
 
     Scales out with `config.concurrency` actors (each with `num_gpus_per_worker`
-    GPUs on a cluster). Order follows the ids returned, not the input.
+    GPUs on a cluster). Rows come in the order the actors finish, not the input's.
     """
     embedded = ds.select_columns([id_column, text_column]).map_batches(
         _EmbedBatch,
@@ -74,10 +75,17 @@ def embed_dataset(ds, id_column: str, text_column: str, config: EncoderConfig, m
         num_gpus=config.num_gpus_per_worker or None,
         batch_format="numpy",
     )
-    ids, vectors = [], []
     for batch in embedded.iter_batches(batch_size=4096, batch_format="numpy"):
+        batch["embedding"] = np.stack(batch["embedding"]).astype(np.float32)
+        yield batch
+
+
+def embed_dataset(ds, id_column: str, text_column: str, config: EncoderConfig, model_path: str | None = None):
+    """Embed a Ray Dataset's `text_column` (see `iter_embedded`); returns (ids, matrix)."""
+    ids, vectors = [], []
+    for batch in iter_embedded(ds, id_column, text_column, config, model_path):
         ids.append(batch[id_column])
-        vectors.append(np.stack(batch["embedding"]).astype(np.float32))
+        vectors.append(batch["embedding"])
     if not ids:
         raise ValueError(f"nothing to embed: the dataset has no rows in column {text_column!r}")
     return np.concatenate(ids).astype(str), np.concatenate(vectors)

@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
@@ -35,12 +35,13 @@ from mr_ray.serve.api import SearchRequest, SearchResponse
 
 logger = logging.getLogger("ray.serve")
 APP_NAME = "search"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the mr_ray package
 
 
 class ServeArgs(ServeConfig):
     """The app builder's args: the index folder plus the serve options."""
 
-    index_dir: str
+    index_dir: str = Field(description="an index folder (the `index` stage output): absolute, or relative to the project root")
 
 
 @serve.deployment(
@@ -162,7 +163,11 @@ def build_app(args: dict):
     except ValidationError as err:
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
         raise ValueError("invalid search app args\n  " + "\n  ".join(lines)) from None
-    index_dir = Path(options.index_dir).resolve()
+    index_dir = Path(options.index_dir)
+    if not index_dir.is_absolute():
+        # `serve run config.yaml` builds the app in a Ray worker whose working folder
+        # is not the caller's: relative paths are taken from the project root.
+        index_dir = PROJECT_ROOT / index_dir
     manifest = read_index_manifest(index_dir)
     thresholds = GradeThresholds.load(index_dir)
     encoder = QueryEncoder.options(
@@ -212,7 +217,7 @@ def serve_run(
     """
     import ray
 
-    index_dir = Path(run_dir) / "index"
+    index_dir = Path(run_dir).resolve() / "index"
     read_index_manifest(index_dir)  # fail before starting anything when the run has no index
     if not ray.is_initialized():
         ray.init()
