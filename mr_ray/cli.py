@@ -17,10 +17,16 @@ app.add_typer(data_app, name="data")
 
 
 def _init_ray(address: Optional[str]) -> None:
+    """Join `address` (or RAY_ADDRESS); otherwise start a private local cluster.
+
+    Ray would otherwise join whatever cluster last ran on this machine, even a dead one.
+    """
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
 @app.command()

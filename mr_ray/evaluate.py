@@ -90,7 +90,9 @@ def embed_catalog(model_path: str | None, products: pd.DataFrame, config: Encode
 
     from mr_ray.retriever.encoder import embed_dataset
 
-    ds = ray.data.from_pandas(products[["product_id", "title"]])
+    # Blocks of ~2,000 titles, so a pool of several embedding actors all get work.
+    n_blocks = max(1, min(256, len(products) // 2000))
+    ds = ray.data.from_pandas(np.array_split(products[["product_id", "title"]], n_blocks))
     return embed_dataset(ds, "product_id", "title", config, model_path)
 
 

@@ -19,7 +19,7 @@ HEAD_PID=""
 if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
   # Started from the venv, so the job's python is the venv's. --block keeps
   # the head in this script's hands: stopping it stops only this cluster.
-  ray start --head --block --num-cpus "${MR_RAY_NUM_CPUS:-2}" --port "$GCS_PORT" --dashboard-host 127.0.0.1 \
+  ray start --head --block --num-cpus "${MR_RAY_NUM_CPUS:-2}" --port "$GCS_PORT" --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
     --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats >"$RUN_DIR.ray-head.log" 2>&1 &
   HEAD_PID=$!
   for _ in $(seq 180); do

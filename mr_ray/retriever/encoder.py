@@ -67,11 +67,13 @@ def iter_embedded(ds, id_column: str, text_column: str, config: EncoderConfig, m
     Scales out with `config.concurrency` actors (each with `num_gpus_per_worker`
     GPUs on a cluster). Rows come in the order the actors finish, not the input's.
     """
+    import ray
+
     embedded = ds.select_columns([id_column, text_column]).map_batches(
         _EmbedBatch,
         fn_constructor_args=(model_path, config, text_column),
         batch_size=max(config.batch_size * 4, 256),
-        concurrency=config.concurrency,
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_gpus=config.num_gpus_per_worker or None,
         batch_format="numpy",
     )

@@ -118,14 +118,14 @@ def run_sweep(stage: str, config: RunConfig, init_model: str, examples: pd.DataF
 def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None) -> dict:
     """Training rows (Stage 1, and Stage 2 with mined samples) and the dev set of the sweep."""
     from mr_ray.evaluate import truth_table
-    from mr_ray.retriever.train import combine_judgments, examples_with_augmentation, read_frame, select_queries, training_set
+    from mr_ray.retriever.train import examples_with_augmentation, read_frame, select_queries, training_set, with_mined
 
     sweep = config.sweep
     products, queries, judgments = training_set(prepared, config.stage1, sweep.max_train_queries)
     examples = {"stage1": examples_with_augmentation(queries, judgments, products, config.stage1)}
     if mined is not None:
         mined = mined[mined["query_id"].isin(set(queries["query_id"]))]
-        judgments = combine_judgments([judgments.assign(source="judged"), mined], ["judged", "mined"])
+        judgments = with_mined(judgments, mined)
     examples["stage2"] = examples_with_augmentation(queries, judgments, products, config.stage1)
     dev_queries = select_queries(read_frame(prepared, "queries"), "dev", sweep.max_dev_queries, sweep.seed)
     truth = truth_table(prepared)

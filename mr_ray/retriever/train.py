@@ -58,13 +58,23 @@ def select_queries(queries: pd.DataFrame, split: str, max_queries: int | None, s
     return chosen.reset_index(drop=True)
 
 
+def with_mined(judgments: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
+    """Judgments plus re-annotated mined pairs (their grade wins), mined pairs flagged `hard`."""
+    combined = combine_judgments([judgments.assign(source="judged"), mined], ["judged", "mined"])
+    keys = pd.MultiIndex.from_frame(mined[["query_id", "product_id"]])
+    combined["hard"] = pd.MultiIndex.from_frame(combined[["query_id", "product_id"]]).isin(keys)
+    return combined
+
+
 def build_examples(queries: pd.DataFrame, judgments: pd.DataFrame, products: pd.DataFrame) -> pd.DataFrame:
-    """One row per query with a judged product: query_id, text, product_ids, titles, grades (lists)."""
+    """One row per query with a judged product: query_id, text, product_ids, titles, grades, hard (lists)."""
+    if "hard" not in judgments.columns:
+        judgments = judgments.assign(hard=False)
     pairs = judgments.merge(queries[["query_id", "text"]], on="query_id").merge(products[["product_id", "title"]], on="product_id")
     if pairs.empty:
         raise ValueError("no judged pairs left for training after joining queries, judgments and products")
     grouped = pairs.groupby("query_id", sort=True).agg(
-        text=("text", "first"), product_ids=("product_id", list), titles=("title", list), grades=("grade", list)
+        text=("text", "first"), product_ids=("product_id", list), titles=("title", list), grades=("grade", list), hard=("hard", list)
     )
     return grouped.reset_index()
 
@@ -72,16 +82,17 @@ def build_examples(queries: pd.DataFrame, judgments: pd.DataFrame, products: pd.
 def sample_batch(rows: pd.DataFrame, products_per_query: int, rng: np.random.Generator) -> tuple[list[str], list[str], torch.Tensor]:
     """(query texts, product titles, grades [Q, P]) of one step.
 
-    Per query: one positive (if any) plus random others, `products_per_query`
-    in all. Grades come from each query's own judgments; a product it has not
-    judged is UNJUDGED (an in-batch negative).
+    Per query, `products_per_query` products: one positive (if any), then mined
+    hard samples, then random others. Grades come from each query's own
+    judgments; a product it has not judged is UNJUDGED (an in-batch negative).
     """
     chosen: dict[str, str] = {}
-    for product_ids, titles, grades in zip(rows["product_ids"], rows["titles"], rows["grades"]):
-        grades = np.asarray(grades)
+    for product_ids, titles, grades, hard in zip(rows["product_ids"], rows["titles"], rows["grades"], rows["hard"]):
+        grades, hard = np.asarray(grades), np.asarray(hard, dtype=bool)
         order = rng.permutation(len(grades))
-        positives = order[grades[order] >= 1]
-        picked = list(positives[:1]) + [i for i in order if i not in positives[:1]]
+        first = order[grades[order] >= 1][:1]
+        rest = order[~np.isin(order, first)]
+        picked = np.concatenate([first, rest[hard[rest]], rest[~hard[rest]]])
         for i in picked[:products_per_query]:
             chosen.setdefault(str(product_ids[i]), str(titles[i]))
     column = {pid: j for j, pid in enumerate(chosen)}
@@ -408,7 +419,7 @@ def stage2_stage(ctx) -> dict:
         mined = read_frame(ctx.input("mine"), "mined")
         mined = mined[mined["query_id"].isin(set(queries["query_id"]))]
         mined_count = len(mined)
-        judgments = combine_judgments([judgments.assign(source="judged"), mined], ["judged", "mined"])
+        judgments = with_mined(judgments, mined)
     examples = examples_with_augmentation(queries, judgments, products, stage1)
     storage, name = checkpoint_storage(ctx)
     metrics = train_encoder(

@@ -1,0 +1,175 @@
+"""Latency and throughput of the Ray Serve search app against two peers, one run, same machine.
+
+    (a) bare: the compute alone, in this process (encode one query + search every
+        shard + merge; no HTTP, no Ray), one query at a time;
+    (b) plain: a single-process FastAPI + sentence-transformers + FAISS server
+        (bench/plain_server.py under uvicorn) over the same index.
+
+Each system answers the same queries at concurrency 1, 8 and 32 over loopback
+HTTP (a fixed number of requests per level); printed: p50/p99 latency,
+throughput, and the ratios. Targets (issue 5): Serve p50 within 5 ms of bare at
+concurrency 1; Serve throughput at concurrency 32 >= plain.
+
+    python bench/serve_latency.py --index-dir runs/sample/index
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import requests
+
+from mr_ray.index.shards import index_encoder_path, merge_hits, open_shards, read_index_manifest
+from mr_ray.retriever.encoder import encode, load_encoder
+
+LEVELS = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_queries(index_dir: Path, n: int) -> list[str]:
+    """Query texts of the run the index belongs to (its prepare output), else a fixed list."""
+    folder = index_dir.parent / "prepare" / "queries"
+    if folder.exists():
+        import pyarrow.parquet as pq
+
+        texts = pq.read_table(folder, columns=["text"]).column("text").to_pylist()
+        return texts[:n]
+    return [f"{w} {i}" for i, w in enumerate(["sofa", "drill", "running shoes", "frying pan", "lamp"] * (n // 5 + 1))][:n]
+
+
+def summary(latencies_s: list[float], wall_s: float) -> dict:
+    ms = np.array(latencies_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "rps": len(ms) / wall_s}
+
+
+def bench_bare(index_dir: Path, queries: list[str], k: int) -> dict:
+    manifest = read_index_manifest(index_dir)
+    model = load_encoder(index_encoder_path(index_dir, manifest), "cpu", manifest["encoder"]["max_seq_length"])
+    shards = open_shards(index_dir)
+    for query in queries[:10]:
+        merge_hits([s.search(encode(model, [query]), k) for s in shards], k)
+    latencies, started = [], time.perf_counter()
+    for query in queries:
+        t = time.perf_counter()
+        merge_hits([s.search(encode(model, [query]), k) for s in shards], k)
+        latencies.append(time.perf_counter() - t)
+    return summary(latencies, time.perf_counter() - started)
+
+
+async def load_test(url: str, queries: list[str], concurrency: int, n_requests: int, k: int) -> dict:
+    latencies: list[float] = []
+    cursor = iter(range(n_requests))
+
+    async def worker(session):
+        for i in cursor:
+            t = time.perf_counter()
+            async with session.get(f"{url}/search", params={"query": queries[i % len(queries)], "k": k}) as response:
+                await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{url}: HTTP {response.status} for {queries[i % len(queries)]!r}")
+            latencies.append(time.perf_counter() - t)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(worker(session) for _ in range(min(concurrency, 8))))  # warm-up
+        latencies.clear()
+        cursor = iter(range(n_requests))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return summary(latencies, time.perf_counter() - started)
+
+
+def bench_http(url: str, queries: list[str], k: int, requests_per_level: int) -> dict[int, dict]:
+    return {c: asyncio.run(load_test(url, queries, c, max(requests_per_level, 4 * c), k)) for c in LEVELS}
+
+
+def wait_healthy(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become healthy in {timeout_s} s")
+
+
+def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level: int) -> dict[int, dict]:
+    import ray
+    from ray import serve
+
+    from mr_ray.serve.app import APP_NAME, build_app
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"index_dir": str(index_dir)}), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        return bench_http(url, queries, k, requests_per_level)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def bench_plain(index_dir: Path, queries: list[str], k: int, requests_per_level: int) -> dict[int, dict]:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(__file__).parent), "plain_server:app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        env={**os.environ, "MR_RAY_INDEX_DIR": str(index_dir)},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        return bench_http(url, queries, k, requests_per_level)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--index-dir", type=Path, default=Path("runs/sample/index"), help="an `index` stage output")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level (at least 4 x concurrency)")
+    args = parser.parse_args()
+    index_dir = args.index_dir.resolve()
+    manifest = read_index_manifest(index_dir)
+    queries = load_queries(index_dir, 500)
+    print(f"index {index_dir}: {manifest['products']} products, {len(manifest['shards'])} shards, {manifest['factory']}; "
+          f"{len(queries)} distinct queries, k={args.k}, {os.cpu_count()} cores")
+
+    bare = bench_bare(index_dir, queries[: args.requests], args.k)
+    plain = bench_plain(index_dir, queries, args.k, args.requests)
+    served = bench_serve(index_dir, queries, args.k, args.requests)
+
+    print(f"\nbare compute (in process, sequential): p50 {bare['p50_ms']:.2f} ms  p99 {bare['p99_ms']:.2f} ms  {bare['rps']:.1f} q/s")
+    print(f"{'conc':>4} | {'serve p50':>9} {'p99':>8} {'q/s':>7} | {'plain p50':>9} {'p99':>8} {'q/s':>7} | {'serve/plain q/s':>15} {'serve/plain p50':>15}")
+    for c in LEVELS:
+        s, p = served[c], plain[c]
+        print(f"{c:>4} | {s['p50_ms']:>9.2f} {s['p99_ms']:>8.2f} {s['rps']:>7.1f} | {p['p50_ms']:>9.2f} {p['p99_ms']:>8.2f} {p['rps']:>7.1f} | "
+              f"{s['rps'] / p['rps']:>15.2f} {s['p50_ms'] / p['p50_ms']:>15.2f}")
+    print(f"\nconcurrency 1: serve p50 - bare p50 = {served[1]['p50_ms'] - bare['p50_ms']:+.2f} ms "
+          f"(x{served[1]['p50_ms'] / bare['p50_ms']:.2f}); plain p50 - bare p50 = {plain[1]['p50_ms'] - bare['p50_ms']:+.2f} ms")
+    print(f"concurrency 32: serve throughput / plain = {served[32]['rps'] / plain[32]['rps']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""The peer every user tries first: sentence-transformers' own trainer with
+MultipleNegativesRankingLoss on (query, exact product) pairs.
+
+Shared by bench/train_throughput.py and bench/homedepot_retrieval.py. Needs the
+`datasets` package (sentence-transformers' trainer reads a `datasets.Dataset`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+
+def exact_pairs(examples: pd.DataFrame) -> pd.DataFrame:
+    """(anchor, positive) pairs: each training query with each of its grade-2 products."""
+    rows = [
+        (text, title)
+        for text, titles, grades in zip(examples["text"], examples["titles"], examples["grades"])
+        for title, grade in zip(titles, grades)
+        if grade == 2
+    ]
+    return pd.DataFrame(rows, columns=["anchor", "positive"])
+
+
+def train_mnrl(
+    model_path: str,
+    pairs: pd.DataFrame,
+    out_dir: Path,
+    batch_size: int = 64,
+    learning_rate: float = 2e-5,
+    epochs: float = 1.0,
+    max_seq_length: int = 48,
+    max_steps: int = -1,
+    seed: int = 0,
+) -> dict:
+    """Train with SentenceTransformerTrainer + MNRL; save at out_dir/model; returns wall time and pairs/s."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    from mr_ray.retriever.encoder import load_encoder
+
+    model = load_encoder(model_path, "cpu", max_seq_length)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_ratio=0.1,
+        batch_sampler="no_duplicates",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        use_cpu=True,
+        seed=seed,
+        dataloader_drop_last=False,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=Dataset.from_pandas(pairs, preserve_index=False), loss=MultipleNegativesRankingLoss(model)
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - started
+    model.save(str(out_dir / "model"))
+    trained_pairs = output.global_step * batch_size if max_steps > 0 else len(pairs) * epochs
+    return {"wall_s": wall, "pairs": trained_pairs, "pairs_per_s": trained_pairs / wall, "steps": output.global_step}

@@ -1,0 +1,83 @@
+"""Mining: FAISS top-k over the catalog, hard-sample selection, re-annotation."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mr_ray.config import MineConfig
+from mr_ray.retriever.mining import annotate, boundary_hardness, mine_hard_samples
+
+
+def unit(rows):
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def catalog():
+    rng = np.random.default_rng(0)
+    product_vectors = unit(rng.normal(size=(300, 16)))
+    product_ids = np.array([f"p{i}" for i in range(300)])
+    query_vectors = unit(product_vectors[:20] + 0.3 * rng.normal(size=(20, 16)))
+    query_ids = np.array([f"q{i}" for i in range(20)])
+    judged = pd.DataFrame(
+        [(f"q{i}", f"p{j}", g) for i in range(20) for j, g in ((i, 2), (i + 100, 1), (i + 200, 0))],
+        columns=["query_id", "product_id", "grade"],
+    )
+    return query_ids, query_vectors, product_ids, product_vectors, judged
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16"])
+def test_mining_returns_only_index_products_and_respects_k(catalog, factory):
+    query_ids, query_vectors, product_ids, product_vectors, judged = catalog
+    config = MineConfig(k=10, index_factory=factory, unjudged_per_query=3, boundary_per_query=2)
+    mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judged, config)
+    assert set(mined["product_id"]) <= set(product_ids)
+    unjudged = mined[mined["reason"] == "unjudged"]
+    assert unjudged.groupby("query_id").size().max() <= 3
+    assert unjudged["rank"].between(0, 9).all()
+    judged_keys = set(zip(judged["query_id"], judged["product_id"]))
+    assert not any(key in judged_keys for key in zip(unjudged["query_id"], unjudged["product_id"]))
+    boundary = mined[mined["reason"] == "boundary"]
+    assert boundary.groupby("query_id").size().max() <= 2
+    assert all(key in judged_keys for key in zip(boundary["query_id"], boundary["product_id"]))
+
+
+def test_unjudged_samples_are_the_highest_ranked_ones(catalog):
+    query_ids, query_vectors, product_ids, product_vectors, judged = catalog
+    config = MineConfig(k=len(product_ids), unjudged_per_query=4, boundary_per_query=0)
+    mined = mine_hard_samples(query_ids[:1], query_vectors[:1], product_ids, product_vectors, judged, config)
+    scores = product_vectors @ query_vectors[0]
+    judged_q0 = set(judged.loc[judged["query_id"] == "q0", "product_id"])
+    expected = [pid for pid in product_ids[np.argsort(-scores)] if pid not in judged_q0][:4]
+    assert mined["product_id"].tolist() == expected
+    np.testing.assert_allclose(mined["score"], np.sort(scores)[::-1][[list(product_ids[np.argsort(-scores)]).index(p) for p in expected]], rtol=1e-5)
+
+
+def test_boundary_hardness_prefers_products_on_the_wrong_side():
+    scores = np.array([0.9, 0.4, 0.7, 0.5, 0.1])
+    grades = np.array([2, 2, 1, 1, 0])
+    hardness = boundary_hardness(scores, grades)
+    # 2|1: threshold = (mean{0.9, 0.4} + mean{0.7, 0.5, 0.1}) / 2 = 0.5417; the exact product at 0.4
+    # is 0.1417 below it, the partial at 0.7 is 0.1583 above it (both on the wrong side).
+    # 1|0: threshold = (mean{0.9, 0.4, 0.7, 0.5} + 0.1) / 2 = 0.3625; the irrelevant one is 0.2625 clear.
+    assert hardness[1] == pytest.approx(0.65 / 2 + 1.3 / 6 - 0.4)
+    assert hardness[2] == pytest.approx(0.7 - (0.65 / 2 + 1.3 / 6))
+    assert hardness[4] == pytest.approx(0.1 - 0.3625)
+    assert np.argmax(hardness) == 2
+    # one grade only: no boundary, nothing is hard
+    assert np.isneginf(boundary_hardness(np.array([0.3, 0.5]), np.array([2, 2]))).all()
+
+
+def test_bad_index_factory_is_a_clear_error(catalog):
+    query_ids, query_vectors, product_ids, product_vectors, judged = catalog
+    with pytest.raises(ValueError, match="index_factory 'NoSuchIndex'"):
+        mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judged, MineConfig(index_factory="NoSuchIndex"))
+
+
+def test_annotate_takes_grades_from_the_source_and_drops_unknown_pairs():
+    mined = pd.DataFrame({"query_id": ["q1", "q1", "q2"], "product_id": ["a", "b", "c"], "reason": "unjudged", "rank": [0, 1, 0], "score": [0.9, 0.8, 0.7]})
+    grades = pd.DataFrame({"query_id": ["q1", "q2", "q9"], "product_id": ["a", "c", "a"], "grade": [2, 0, 1]})
+    out = annotate(mined, grades)
+    assert list(zip(out["product_id"], out["grade"])) == [("a", 2), ("c", 0)]
+    assert (out["source"] == "mined").all()

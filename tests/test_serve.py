@@ -1,0 +1,223 @@
+"""Online search: a real Ray Serve app on 127.0.0.1 answering real HTTP requests.
+
+The app serves a tiny index built here by the real `index` stage; its answers
+are checked against one exact FAISS index over the same vectors.
+"""
+
+import copy
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import requests
+import yaml
+
+from mr_ray.config import ServeConfig, load_config
+from mr_ray.index.shards import open_shards
+from mr_ray.index.thresholds import GradeThresholds
+from mr_ray.pipeline import run_pipeline
+from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.serve.app import ServeArgs, serve_run
+
+REPO = Path(__file__).resolve().parents[1]
+QUERIES = ["black leather sofa", "cordless drill 20v", "zapatillas para correr", "stainless steel frying pan 12 inch"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tmp_path_factory):
+    from ray import serve
+
+    run_dir = tmp_path_factory.mktemp("serve_run")
+    config = load_config(None, {"data.sample.n_products": 400, "data.sample.n_queries": 80, "index.n_shards": 2})
+    run_pipeline(config, run_dir, only=["prepare", "index"])
+    port = free_port()
+    serve_run(run_dir, ServeConfig(shard_replicas=2, shard_timeout_s=3.0, max_k=50, max_query_chars=64), port=port, blocking=False)
+    yield {"url": f"http://127.0.0.1:{port}", "index_dir": run_dir / "index"}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def exact(service):
+    """Every product vector in one exact index, and the pretrained encoder."""
+    shards = open_shards(service["index_dir"])
+    vectors = np.concatenate([s.index.reconstruct_n(0, s.index.ntotal) for s in shards])
+    ids = np.concatenate([s.product_ids[:-1] for s in shards])
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    return {"index": index, "ids": ids, "model": load_encoder(None, "cpu", 64), "shard_ids": [set(s.product_ids[:-1]) for s in shards]}
+
+
+def test_search_matches_one_exact_index(service, exact):
+    thresholds = GradeThresholds.load(service["index_dir"])
+    for query in QUERIES:
+        response = requests.get(f"{service['url']}/search", params={"query": query, "k": 10}, timeout=30)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["missing_shards"] == [] and body["shards"] == 2 and body["k"] == 10
+        scores, rows = exact["index"].search(encode(exact["model"], [query]), 10)
+        assert [r["product_id"] for r in body["results"]] == exact["ids"][rows[0]].tolist()
+        np.testing.assert_allclose([r["score"] for r in body["results"]], scores[0], atol=1e-4)
+        assert [r["grade"] for r in body["results"]] == thresholds.grade(scores[0]).tolist()
+        assert {r["grade_name"] for r in body["results"]} <= {"exact", "partial", "irrelevant"}
+        assert all(r["title"] for r in body["results"])
+
+
+def test_post_min_grade_keeps_only_the_upper_tiers(service):
+    everything = requests.post(f"{service['url']}/search", json={"query": "cordless drill 20v", "k": 30}, timeout=30).json()
+    exact_only = requests.post(f"{service['url']}/search", json={"query": "cordless drill 20v", "k": 30, "min_grade": 2}, timeout=30).json()
+    expected = [r for r in everything["results"] if r["grade"] == 2]
+    assert 0 < len(expected) < 30
+    assert [r["product_id"] for r in exact_only["results"]] == [r["product_id"] for r in expected]
+    default_k = requests.post(f"{service['url']}/search", json={"query": "sofa"}, timeout=30).json()
+    assert default_k["k"] == ServeConfig().default_k and len(default_k["results"]) == default_k["k"]
+
+
+@pytest.mark.parametrize(
+    "method, payload, message",
+    [
+        ("get", {"query": ""}, "query: query is empty"),
+        ("post", {"query": "   "}, "query: query is empty"),
+        ("post", {"query": "x" * 65}, "query: 65 characters is too long; at most 64"),
+        ("get", {"query": "sofa", "k": 0}, "k: 0 is out of range; 1 <= k <= 50"),
+        ("post", {"query": "sofa", "k": 51}, "k: 51 is out of range; 1 <= k <= 50"),
+        ("get", {"query": "sofa", "k": "ten"}, "k: Input should be a valid integer, unable to parse string as an integer"),
+        ("get", {"query": "sofa", "colour": "red"}, "colour: unknown field"),
+        ("post", {"query": "sofa", "page": 2}, "page: unknown field"),
+        ("post", {"query": "sofa", "min_grade": 3}, "min_grade: Input should be 0, 1 or 2"),
+        ("post", {"k": 3}, "query: Field required"),
+    ],
+)
+def test_bad_requests_get_422_with_a_clear_message(service, method, payload, message):
+    if method == "get":
+        response = requests.get(f"{service['url']}/search", params=payload, timeout=30)
+    else:
+        response = requests.post(f"{service['url']}/search", json=payload, timeout=30)
+    assert response.status_code == 422
+    assert response.json()["detail"] == message
+
+
+def test_healthz_and_openapi_docs(service):
+    health = requests.get(f"{service['url']}/healthz", timeout=30).json()
+    assert health["status"] == "ok" and health["products"] == 400 and health["shards"] == 2
+    assert health["thresholds"]["exact"] > health["thresholds"]["partial"]
+    assert requests.get(f"{service['url']}/docs", timeout=30).status_code == 200
+    spec = requests.get(f"{service['url']}/openapi.json", timeout=30).json()
+    assert {"get", "post"} <= set(spec["paths"]["/search"])
+
+
+def replica_names(deployment: str) -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+
+
+def wait_until_whole(url: str, deadline_s: float = 90.0) -> None:
+    started = time.monotonic()
+    while time.monotonic() - started < deadline_s:
+        body = requests.get(f"{url}/search", params={"query": "sofa"}, timeout=30).json()
+        if not body["missing_shards"]:
+            return
+        time.sleep(1.0)
+    raise AssertionError("the service did not recover all shards")
+
+
+def hammer(url: str, n: int, during) -> list[requests.Response]:
+    """`n` concurrent searches, calling `during()` once a few have been answered."""
+    answered = []
+
+    def one(i):
+        response = requests.get(f"{url}/search", params={"query": QUERIES[i % len(QUERIES)], "k": 10}, timeout=60)
+        answered.append(time.monotonic())
+        return response
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        while len(answered) < 5:
+            time.sleep(0.01)
+        during()
+        return [f.result() for f in futures]
+
+
+def test_killed_shard_replica_is_retried_on_the_other_one(service, exact):
+    import ray
+
+    victims = replica_names("ShardSearcher_0")
+    assert len(victims) == 2
+    killed_at = []
+
+    def kill_one():
+        ray.kill(ray.get_actor(victims[0], namespace="serve"), no_restart=True)
+        killed_at.append(time.monotonic())
+
+    responses = hammer(service["url"], 80, kill_one)
+    assert all(r.status_code == 200 for r in responses)
+    bodies = [r.json() for r in responses]
+    # No request lost silently: each has all k results from both shards, or names the missing shard.
+    assert all(len(b["results"]) == 10 or b["missing_shards"] for b in bodies)
+    assert sum(not b["missing_shards"] for b in bodies) >= 70
+    assert victims[0] not in replica_names("ShardSearcher_0")
+    wait_until_whole(service["url"])
+
+
+def test_shard_with_no_live_replica_is_reported_missing(service, exact):
+    import ray
+
+    victims = replica_names("ShardSearcher_1")
+    for name in victims:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    bodies = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(b["missing_shards"] for b in bodies):
+        response = requests.get(f"{service['url']}/search", params={"query": "sofa", "k": 10}, timeout=60)
+        assert response.status_code == 200
+        bodies.append(response.json())
+    flagged = [b for b in bodies if b["missing_shards"]]
+    assert flagged, "no response reported the dead shard"
+    assert flagged[0]["missing_shards"] == ["shard-001"]
+    # The answer comes from the live shard only, still ranked.
+    assert {r["product_id"] for r in flagged[0]["results"]} <= exact["shard_ids"][0]
+    assert len(flagged[0]["results"]) == 10
+    wait_until_whole(service["url"])
+
+
+def test_serve_configs_validate_and_point_at_the_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    for name in ("local.yaml", "cluster.yaml"):
+        raw = yaml.safe_load((REPO / "serve_configs" / name).read_text())
+        schema = ServeDeploySchema.model_validate(raw)
+        app = schema.applications[0]
+        assert app.import_path == "mr_ray.serve.app:build_app"
+        ServeArgs.model_validate(app.args)
+        assert "autoscaling_config" in next(d for d in raw["applications"][0]["deployments"] if d["name"] == "QueryEncoder")
+    cluster_args = yaml.safe_load((REPO / "serve_configs" / "cluster.yaml").read_text())["applications"][0]["args"]
+    assert cluster_args["encoder_num_gpus"] > 0 and cluster_args["encoder_device"] == "cuda"
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from jsonschema import ValidationError
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)
+    types = prepared["available_node_types"]
+    assert types[prepared["head_node_type"]]["resources"] == {"CPU": 0}
+    assert types["gpu_worker"]["node_config"]["InstanceType"].startswith("g") and types["gpu_worker"]["max_workers"] > 0
+    assert types["cpu_worker"]["max_workers"] > types["cpu_worker"]["min_workers"]
+    assert any("pip install" in c and "mr-ray" in c for c in prepared["setup_commands"])
+    # The same validation rejects a broken copy, so passing it means something.
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["gpu_worker"]["max_wrokers"] = 4
+    with pytest.raises(ValidationError):
+        validate_config(prepare_config(broken))

@@ -1,0 +1,84 @@
+"""Real Ray Train and Ray Tune runs on a tiny sample catalog (CPU, local Ray)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from mr_ray.config import RunConfig, SampleConfig, Stage1Config, load_config
+from mr_ray.data.sample import generate_sample
+from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
+from mr_ray.retriever.train import build_examples, train_encoder
+
+TINY_TRAIN = {"queries_per_batch": 8, "products_per_query": 2, "learning_rate": 1e-4, "max_seq_length": 24, "warmup_fraction": 0.0}
+
+
+@pytest.fixture(scope="module")
+def tiny_examples():
+    tables = generate_sample(SampleConfig(n_products=200, n_queries=40, seed=1))
+    queries = tables["queries"][tables["queries"]["split"] == "train"].head(16)
+    return build_examples(queries, tables["judgments"], tables["products"])
+
+
+def test_ray_train_lowers_the_loss_saves_a_loadable_encoder_and_resumes(ray_local, tiny_examples, tmp_path):
+    config = Stage1Config(epochs=3, augment={"rate": 0.0}, **TINY_TRAIN)
+    out = tmp_path / "model"
+    metrics = train_encoder(tiny_examples, config, pretrained_model_path(), out, tmp_path / "ckpt", "tiny", (tmp_path / "mlruns").as_uri())
+    losses = [row["loss"] for row in metrics["history"]]
+    assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+    # sentence-transformers loads the saved folder and gives the vectors our encoder gives
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["cordless drill 20v", "red running shoes size 9"]
+    ours = encode(load_encoder(str(out), "cpu", 24), texts)
+    theirs = SentenceTransformer(str(out), device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert not np.allclose(ours, encode(load_encoder(None, "cpu", 24), texts), atol=1e-3)
+
+    # same storage and name: Ray Train resumes from the epoch-2 checkpoint and runs only epoch 3
+    more = train_encoder(tiny_examples, config.model_copy(update={"epochs": 4}), pretrained_model_path(), tmp_path / "model2", tmp_path / "ckpt", "tiny")
+    assert [row["epoch"] for row in more["history"]] == [3]
+
+    # MLflow (local file store) got the per-epoch metrics
+    runs = list((tmp_path / "mlruns").glob("*/*/metrics/loss"))
+    assert len(runs) == 1 and len(runs[0].read_text().splitlines()) == 3
+
+
+def test_pipeline_stages_and_a_tiny_tune_sweep_write_best_params(ray_local, tmp_path):
+    from mr_ray.pipeline import run_pipeline
+
+    config = load_config(
+        None,
+        {
+            "data.sample": {"n_products": 200, "n_queries": 60, "seed": 2},
+            "stage1": {"max_train_queries": 16, **TINY_TRAIN},
+            "stage2": {"max_train_queries": 16, **TINY_TRAIN},
+            "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2},
+            "sweep": {"trials_per_stage": 2, "epochs": 2, "max_train_queries": 8, "max_dev_queries": 8,
+                      "temperatures": [0.05, 0.1], "margins": [0.2, 0.3], "scales": [16.0, 32.0]},
+        },
+    )
+    outcome = run_pipeline(config, tmp_path, only=["prepare", "stage1", "mine", "stage2", "sweep"])
+    assert set(outcome.values()) == {"ran"}
+    for stage in ("stage1", "stage2"):
+        assert (tmp_path / stage / "model" / "model.safetensors").exists()
+    mined = pd.read_parquet(tmp_path / "mine" / "mined")
+    products = pd.read_parquet(tmp_path / "prepare" / "products")
+    assert len(mined) > 0 and set(mined["product_id"]) <= set(products["product_id"])
+    assert mined["grade"].isin([0, 1, 2]).all()
+
+    best = json.loads((tmp_path / "sweep" / "best_params.json").read_text())
+    assert best["stage1"]["params"]["temperature"] in (0.05, 0.1)
+    assert best["stage2"]["params"]["scale"] in (16.0, 32.0)
+    assert 0.0 < best["stage1"]["ndcg@10"] <= 1.0
+    assert len(best["stage1"]["trials"]) == 2
+    tuned = load_config(tmp_path / "sweep" / "best_config.yaml")
+    assert isinstance(tuned, RunConfig)
+    assert tuned.stage1.temperature == best["stage1"]["params"]["temperature"]
+    assert tuned.stage2.circle.margin_exact_partial == best["stage2"]["params"]["margin_exact_partial"]
+    assert tuned.stage2.circle.scale == best["stage2"]["params"]["scale"]
+    assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["data"] == config.data.model_dump(mode="json")
