@@ -56,7 +56,8 @@ def variant_config(data: Path, train_queries: int, variant: str):
             "stage1.max_train_queries": train_queries,
             "stage2.max_train_queries": train_queries,
             "mine.max_queries": train_queries,
-            # No LLM judge on this data here: mined pairs are re-annotated from the human judgments.
+            # No LLM judge run on this data here (CPU): mined pairs are re-annotated from the human judgments.
+            "mine.annotator": "grades",
             "mine.grades_source": "judgments",
             **VARIANTS[variant],
         },
@@ -66,13 +67,14 @@ def variant_config(data: Path, train_queries: int, variant: str):
 def run_variant(name: str, out: Path, data: Path, train_queries: int) -> Path:
     """Run prepare/stage1/mine/stage2 for a variant, reusing the main run's unchanged stage outputs."""
     from mr_ray.pipeline import run_pipeline
+    from mr_ray.retriever.train import retriever_stages
 
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     for shared in SHARED_STAGES.get(name, ()):
         if not (run_dir / shared).exists():
             os.symlink(out / "runs" / "main" / shared, run_dir / shared)
-    run_pipeline(variant_config(data, train_queries, name), run_dir, only=["prepare", "stage1", "mine", "stage2"])
+    run_pipeline(variant_config(data, train_queries, name), run_dir, only=["prepare", "stage1", "mine", "stage2"], stages=retriever_stages(with_judge=False))
     return run_dir
 
 

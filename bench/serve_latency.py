@@ -149,12 +149,17 @@ def main() -> None:
     parser.add_argument("--index-dir", type=Path, default=Path("runs/sample/index"), help="an `index` stage output")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level (at least 4 x concurrency)")
+    parser.add_argument("--torch-threads", type=int, default=1, help="OMP_NUM_THREADS for every system's encoder")
     args = parser.parse_args()
+    # Same intra-op threads everywhere (Ray gives a replica with num_cpus < 2 one thread):
+    # set before torch loads here, inherited by the uvicorn peer and the Ray workers.
+    os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)
     index_dir = args.index_dir.resolve()
     manifest = read_index_manifest(index_dir)
     queries = load_queries(index_dir, 500)
     print(f"index {index_dir}: {manifest['products']} products, {len(manifest['shards'])} shards, {manifest['factory']}; "
-          f"{len(queries)} distinct queries, k={args.k}, {os.cpu_count()} cores")
+          f"{len(queries)} distinct queries, k={args.k}, {os.cpu_count()} cores, {args.torch_threads} torch thread(s), "
+          f"load average {os.getloadavg()[0]:.1f} at start")
 
     bare = bench_bare(index_dir, queries[: args.requests], args.k)
     plain = bench_plain(index_dir, queries, args.k, args.requests)

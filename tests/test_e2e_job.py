@@ -10,10 +10,19 @@ from conftest import REPO
 
 pytestmark = pytest.mark.e2e
 
+# Every stage runs, each sized down so the job takes a few minutes on 2 CPUs.
 TINY = """
 name: e2e
 data:
   sample: {n_products: 400, n_queries: 100, seed: 3}
+judge:
+  finetune: {max_examples: 48, max_holdout: 24, train_layers: 1}
+  label: {max_queries: 6}
+  synthesize: {max_products: 3, samples_per_product: 1}
+stage1: {max_train_queries: 60}
+stage2: {max_train_queries: 60}
+mine: {k: 20, max_queries: 60}
+sweep: {trials_per_stage: 1, epochs: 1, max_train_queries: 30, max_dev_queries: 15}
 evaluate:
   split: test
 """

@@ -191,7 +191,9 @@ def run_judge(
         expected = todo.groupby("shard").size().to_dict()
         pending: dict[int, list[dict]] = defaultdict(list)
         processor = judge_processor(model_path, engine, grade_ids)
-        ds = ray.data.from_pandas(todo.drop(columns=["shard"]), override_num_blocks=max(1, len(todo) // engine.batch_size))
+        rows = todo.drop(columns=["shard"])
+        # One block per engine batch, so finished batches stream back (and shards get written) early.
+        ds = ray.data.from_pandas([rows.iloc[i : i + engine.batch_size] for i in range(0, len(rows), engine.batch_size)])
         for batch in processor(ds).iter_batches(batch_size=engine.batch_size, batch_format="pandas"):
             for row in batch[LABEL_COLUMNS].to_dict("records"):
                 shard = int(shard_of[(row["query_id"], row["product_id"], int(row["variant"]))])

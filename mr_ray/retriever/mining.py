@@ -12,8 +12,9 @@ samples are kept per query:
   of the mean similarities on either side, and a product's hardness is how far
   it sits on the wrong side (t - s for the upper side, s - t for the lower).
 
-The mined pairs are then re-annotated (`annotate`) and written with
-`source=mined`.
+The mined pairs are then re-annotated, by the fine-tuned LLM judge
+(mr_ray.labeler, Ray Data + vLLM) or, for data without a judge run, from a
+grades table, and written with `source=mined`.
 """
 
 from __future__ import annotations
@@ -96,12 +97,7 @@ def mine_hard_samples(
 
 
 def annotate(mined: pd.DataFrame, grades: pd.DataFrame) -> pd.DataFrame:
-    """Re-annotate mined pairs from a grades table (query_id, product_id, grade); pairs it lacks are dropped.
-
-    Stands in for the LLM judge's batch labeling (mr_ray.labeler) until that is
-    wired in: the sample catalog's rule grades play the judge, on real data the
-    human judgments do (so only judged boundary pairs survive there).
-    """
+    """Attach grades (query_id, product_id, grade) to mined pairs; pairs without one are dropped."""
     lookup = grades[["query_id", "product_id", "grade"]].drop_duplicates(["query_id", "product_id"], keep="last")
     out = mined.merge(lookup, on=["query_id", "product_id"], how="inner")
     out["grade"] = out["grade"].astype(np.int8)
@@ -109,20 +105,41 @@ def annotate(mined: pd.DataFrame, grades: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def judge_grades(ctx, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Re-annotate mined pairs with the fine-tuned LLM judge (Ray Data + vLLM, resumable shards)."""
+    from mr_ray.config import section_hash
+    from mr_ray.labeler.label import label_pairs
+    from mr_ray.pipeline import expected_identity
+
+    if "judge_finetune" not in ctx.stage.inputs:
+        raise ValueError("mine.annotator is 'judge' but no judge_finetune stage feeds mining; set mine.annotator: grades")
+    judge = ctx.config.judge
+    shards = ctx.run_dir / "cache" / f"mine-shards-{section_hash(expected_identity(ctx.stage, ctx.config, ctx.run_dir))}"
+    judged, failed = label_pairs(
+        mined[["query_id", "product_id"]], queries, products, ctx.input("judge_finetune") / "model", judge.engine,
+        shards, judge.label.shard_rows, source=MINED_SOURCE,
+    )
+    return judged, len(failed)
+
+
 def mine_stage(ctx) -> dict:
     """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
     import ray
 
     from mr_ray.retriever.encoder import embed_dataset
-    from mr_ray.retriever.train import read_frame, training_set
+    from mr_ray.retriever.train import labeler_outputs, read_frame, training_set
 
     config, encoder = ctx.config.mine, ctx.config.encoder
     model = str(ctx.input("stage1") / "model")
-    products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, config.max_queries)
+    products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, config.max_queries, labeler_outputs(ctx))
     product_ids, product_vectors = embed_dataset(ray.data.from_pandas(products[["product_id", "title"]]), "product_id", "title", encoder, model)
     query_ids, query_vectors = embed_dataset(ray.data.from_pandas(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
     mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
-    grades = read_frame(ctx.input("prepare"), config.grades_source)
+    failed = 0
+    if config.annotator == "judge":
+        grades, failed = judge_grades(ctx, mined, queries, products)
+    else:
+        grades = read_frame(ctx.input("prepare"), config.grades_source)
     annotated = annotate(mined, grades)
     folder = ctx.out / "mined"
     folder.mkdir()
@@ -135,4 +152,5 @@ def mine_stage(ctx) -> dict:
         }
         for reason in ("unjudged", "boundary")
     }
-    return {"queries": len(query_ids), "annotator": f"grades:{config.grades_source}", "by_reason": by_reason}
+    annotator = "llm judge" if config.annotator == "judge" else f"grades:{config.grades_source}"
+    return {"queries": len(query_ids), "annotator": annotator, "judge_failures": failed, "by_reason": by_reason}

@@ -69,15 +69,16 @@ def trial(params: dict, *, stage: str, config: dict, init_model: str, examples: 
     run_config = apply_params(stage, RunConfig.model_validate(config), params)
     train_config: Stage1Config | Stage2Config = getattr(run_config, stage)
     epochs = run_config.sweep.epochs
+    device = "cuda" if train_config.use_gpu else "cpu"
     torch.manual_seed(train_config.seed)
-    model = load_encoder(init_model, "cpu", train_config.max_seq_length)
+    model = load_encoder(init_model, device, train_config.max_seq_length)
     steps = -(-len(examples) // train_config.queries_per_batch) * epochs
     optimizer, scheduler = make_optimizer(model, train_config, steps)
     terms = stage_loss(train_config, run_config.stage1.temperature, run_config.stage1.partial_weight)
     for epoch in range(epochs):
         frames = iter_frames(examples, train_config.queries_per_batch, seed=train_config.seed + epoch)
         rng = np.random.default_rng([train_config.seed, epoch])
-        metrics = run_epoch(model, frames, terms, optimizer, scheduler, train_config.products_per_query, rng, "cpu")
+        metrics = run_epoch(model, frames, terms, optimizer, scheduler, train_config.products_per_query, rng, device)
         score = dev_ndcg(model, dev["products"], dev["queries"], dev["truth"], run_config.encoder.batch_size)
         tune.report({OBJECTIVE: score, "epoch": epoch + 1, "loss": metrics["loss"]})
 
@@ -92,7 +93,7 @@ def run_sweep(stage: str, config: RunConfig, init_model: str, examples: pd.DataF
         trial, stage=stage, config=config.model_dump(mode="json"), init_model=init_model, examples=examples, dev=dev
     )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}),
+        tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if getattr(config, stage).use_gpu else 0}),
         param_space=search_space(stage, sweep),
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
@@ -115,13 +116,13 @@ def run_sweep(stage: str, config: RunConfig, init_model: str, examples: pd.DataF
     return {"params": best.config, OBJECTIVE: float(best.metrics_dataframe[OBJECTIVE].max()), "trials": trials}
 
 
-def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None) -> dict:
+def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, labeled: list[Path]) -> dict:
     """Training rows (Stage 1, and Stage 2 with mined samples) and the dev set of the sweep."""
     from mr_ray.evaluate import truth_table
     from mr_ray.retriever.train import examples_with_augmentation, read_frame, select_queries, training_set, with_mined
 
     sweep = config.sweep
-    products, queries, judgments = training_set(prepared, config.stage1, sweep.max_train_queries)
+    products, queries, judgments = training_set(prepared, config.stage1, sweep.max_train_queries, labeled)
     examples = {"stage1": examples_with_augmentation(queries, judgments, products, config.stage1)}
     if mined is not None:
         mined = mined[mined["query_id"].isin(set(queries["query_id"]))]
@@ -136,11 +137,11 @@ def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None) ->
 def sweep_stage(ctx) -> dict:
     """Sweep Stage 1 (from the configured encoder) and Stage 2 (from the Stage-1 encoder); write the best config."""
     from mr_ray.retriever.encoder import pretrained_model_path
-    from mr_ray.retriever.train import read_frame
+    from mr_ray.retriever.train import labeler_outputs, read_frame
 
     config = ctx.config
     mined = read_frame(ctx.input("mine"), "mined") if config.stage2.use_mined else None
-    data = sweep_data(ctx.input("prepare"), config, mined)
+    data = sweep_data(ctx.input("prepare"), config, mined, labeler_outputs(ctx))
     storage = (ctx.out / "tune").resolve()
     starts = {"stage1": config.encoder.model or pretrained_model_path(), "stage2": str(ctx.input("stage1") / "model")}
     best = {stage: run_sweep(stage, config, starts[stage], data["examples"][stage], data["dev"], storage) for stage in ("stage1", "stage2")}

@@ -15,7 +15,6 @@ Train and to MLflow. `run_epoch` is the loop itself; Ray Tune trials
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -177,7 +176,7 @@ def run_epoch(model, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
-        pairs += int((grades != UNJUDGED).sum())
+        pairs += sum(min(products_per_query, len(g)) for g in frame["grades"])  # (query, product) samples drawn
     elapsed = time.perf_counter() - started
     return {
         "loss": float(np.mean(losses)) if losses else float("nan"),
@@ -226,6 +225,7 @@ def train_loop_per_worker(loop: dict) -> None:
     tracker = _MlflowTracker(loop.get("mlflow_uri"), loop["run_name"], state) if rank == 0 else None
     if tracker and state is None:
         tracker.log_params({"stage": loop["run_name"], **_flat(config.model_dump(mode="json"))})
+    history = state["history"] if state is not None else []
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch, rank])
@@ -235,7 +235,12 @@ def train_loop_per_worker(loop: dict) -> None:
             local_shuffle_buffer_size=min(loop["n_rows"], 10_000),
             local_shuffle_seed=config.seed * 1000 + epoch,
         )
-        metrics = {"epoch": epoch, **run_epoch(model, frames, terms, optimizer, scheduler, config.products_per_query, rng, device)}
+        metrics = {
+            "epoch": epoch,
+            "started_at_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
+            **run_epoch(model, frames, terms, optimizer, scheduler, config.products_per_query, rng, device),
+        }
+        history.append(metrics)
         if tracker:
             tracker.log_metrics(metrics, step=epoch)
         with tempfile.TemporaryDirectory() as folder:
@@ -244,7 +249,7 @@ def train_loop_per_worker(loop: dict) -> None:
                 getattr(model, "module", model).save(str(Path(folder) / "model"))
                 torch.save(
                     {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "mlflow_run_id": tracker.run_id if tracker else None},
+                     "history": history, "mlflow_run_id": tracker.run_id if tracker else None},
                     Path(folder) / TRAIN_STATE,
                 )
                 saved = ray.train.Checkpoint.from_directory(folder)
@@ -344,10 +349,10 @@ def train_encoder(
         raise RuntimeError(f"{run_name}: training finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / "model", out_model)
-    history = result.metrics_dataframe
+        history = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)["history"]
     return {
         **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-        "history": json.loads(history.to_json(orient="records")) if history is not None else [],
+        "history": history,
         "train_rows": len(examples),
         "wall_s": round(time.perf_counter() - started, 2),
     }
@@ -365,12 +370,43 @@ def read_frame(stage_dir: Path, kind: str) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def training_set(prepared: Path, config: Stage1Config, max_queries: int | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(products, train queries, one grade per judged pair of those queries) from a prepare output."""
+LABELER_STAGES = ("label", "audit", "synthesize")  # their judgments/ (and synthesize's queries/) feed training
+
+
+def labeler_outputs(ctx) -> list[Path]:
+    return [ctx.input(name) for name in LABELER_STAGES if name in ctx.stage.inputs]
+
+
+def training_set(prepared: Path, config: Stage1Config, max_queries: int | None, labeled: list[Path] = ()) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(products, train queries, one grade per judged pair of those queries).
+
+    Human judgments come from the prepare output; LLM, audited and synthetic
+    ones (and synthetic queries) from the labeler stages' outputs in `labeled`.
+    """
     products = read_frame(prepared, "products")
-    queries = select_queries(read_frame(prepared, "queries"), "train", max_queries, config.seed)
-    judgments = combine_judgments([read_frame(prepared, "judgments")], config.judgment_sources)
+    queries = [read_frame(prepared, "queries")]
+    judgments = [read_frame(prepared, "judgments")]
+    for folder in labeled:
+        judgments.append(read_frame(folder, "judgments"))
+        if (folder / "queries").exists():
+            queries.append(read_frame(folder, "queries"))
+    queries = select_queries(pd.concat(queries, ignore_index=True), "train", max_queries, config.seed)
+    judgments = combine_judgments(judgments, config.judgment_sources)
     return products, queries, judgments[judgments["query_id"].isin(set(queries["query_id"]))]
+
+
+def retriever_stages(with_judge: bool = True) -> tuple:
+    """The pipeline's retriever stages (prepare first); `with_judge=False` drops the LLM judge's
+    stages from their inputs, for data the judge has not labelled (set mine.annotator=grades)."""
+    from dataclasses import replace
+
+    from mr_ray.pipeline import STAGES
+
+    names = ("prepare", "stage1", "mine", "stage2", "sweep")
+    stages = tuple(stage for stage in STAGES if stage.name in names)
+    if with_judge:
+        return stages
+    return tuple(replace(stage, inputs=tuple(i for i in stage.inputs if i in names)) for stage in stages)
 
 
 def examples_with_augmentation(queries: pd.DataFrame, judgments: pd.DataFrame, products: pd.DataFrame, config: Stage1Config) -> pd.DataFrame:
@@ -401,7 +437,7 @@ def stage1_stage(ctx) -> dict:
     from mr_ray.retriever.encoder import pretrained_model_path
 
     config = ctx.config.stage1
-    products, queries, judgments = training_set(ctx.input("prepare"), config, config.max_train_queries)
+    products, queries, judgments = training_set(ctx.input("prepare"), config, config.max_train_queries, labeler_outputs(ctx))
     examples = examples_with_augmentation(queries, judgments, products, config)
     storage, name = checkpoint_storage(ctx)
     metrics = train_encoder(
@@ -413,7 +449,7 @@ def stage1_stage(ctx) -> dict:
 def stage2_stage(ctx) -> dict:
     """Stage 2: refine the Stage-1 encoder on judged + mined samples; model at out/model."""
     stage1, config = ctx.config.stage1, ctx.config.stage2
-    products, queries, judgments = training_set(ctx.input("prepare"), stage1, config.max_train_queries)
+    products, queries, judgments = training_set(ctx.input("prepare"), stage1, config.max_train_queries, labeler_outputs(ctx))
     mined_count = 0
     if config.use_mined:
         mined = read_frame(ctx.input("mine"), "mined")

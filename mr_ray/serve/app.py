@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field, ValidationError
 from ray import serve
+from ray.serve import metrics
 from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from typing_extensions import Annotated
@@ -106,6 +107,13 @@ class SearchIngress:
         self.thresholds = GradeThresholds(**thresholds)
         self.info = info
         self.options = ServeConfig(**options)
+        # Exported with Serve's own Prometheus metrics (deployment, replica, app tags added by Serve).
+        self.missing_shard_counter = metrics.Counter(
+            "mr_ray_missing_shard_answers", description="searches answered without a shard", tag_keys=("shard",)
+        )
+        self.results_counter = metrics.Counter(
+            "mr_ray_results_by_grade", description="returned products per predicted grade tier", tag_keys=("grade",)
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -134,6 +142,8 @@ class SearchIngress:
             raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
         answers = await asyncio.gather(*(self.search_shard(shard, vector, k) for shard in range(len(self.shards))))
         missing = [name for name, hits in zip(self.shard_names, answers) if hits is None]
+        for name in missing:
+            self.missing_shard_counter.inc(tags={"shard": name})
         found = [hits for hits in answers if hits is not None]
         if not found:
             raise HTTPException(503, f"no shard answered ({', '.join(missing)}); retry shortly")
@@ -144,6 +154,8 @@ class SearchIngress:
             for row, grade in zip(results, grades)
             if request.min_grade is None or grade >= request.min_grade
         ]
+        for product in products:
+            self.results_counter.inc(tags={"grade": product["grade_name"]})
         return {"query": request.query, "k": k, "results": products, "missing_shards": missing, "shards": len(self.shards)}
 
     async def search_shard(self, shard: int, vector: np.ndarray, k: int):
