@@ -7,7 +7,7 @@ exact inner-product index over the whole catalog, on the release's query texts.
 Printed per choice: recall@10, build time, batch throughput, one-query latency,
 size on disk. Skips (exit 0) when the data folder is absent.
 
-    python bench/ann_quality.py [--data /work/shared/data/homedepot] [--shards 4] [--cache /tmp/hd_vectors.npz]
+    python bench/ann_quality.py [--data /work/shared/data/homedepot] [--shards 4] [--threads 1] [--cache /tmp/hd_vectors.npz]
 """
 
 from __future__ import annotations
@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--cache", type=Path, default=None, help="npz file to keep the embeddings between runs")
+    parser.add_argument("--threads", type=int, default=1, help="FAISS OpenMP threads (1 = per-core numbers, stable on a shared machine)")
     args = parser.parse_args()
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
     if not (args.data / "products.parquet").exists():
         print(f"skipped: no Home Depot catalog at {args.data}")
         return
@@ -80,7 +84,7 @@ def main() -> None:
     started = time.perf_counter()
     ids, titles, vectors, queries = embed(args.data, args.queries, args.cache)
     print(f"{len(ids)} products, {len(queries)} queries embedded in {time.perf_counter() - started:.0f} s; "
-          f"{args.shards} shards, recall@{args.k} against one exact IndexFlatIP")
+          f"{args.shards} shards, recall@{args.k} against one exact IndexFlatIP, {args.threads} FAISS thread(s)")
 
     exact = build_faiss_index(vectors, "Flat")
     _, truth = exact.search(queries, args.k)

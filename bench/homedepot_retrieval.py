@@ -87,10 +87,15 @@ def typo_queries(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 def evaluate_model(path: str | None, products, query_sets: dict, truth, pairs, config, encoder) -> dict:
     """Metrics of one encoder on each query set; the catalog is embedded once."""
-    from mr_ray.evaluate import embed_catalog, evaluate_retrieval, pair_cosines, search, separation_metrics
-    from mr_ray.retriever.encoder import encode, load_encoder
+    import ray
 
-    product_ids, product_vectors = embed_catalog(path, products, encoder)
+    from mr_ray.evaluate import evaluate_retrieval, pair_cosines, search, separation_metrics
+    from mr_ray.retriever.encoder import embed_dataset, encode, load_encoder
+
+    # Blocks of 2,000 titles; slices, since Ray's own splitting (np.array_split) breaks on pandas 3.
+    titles = products[["product_id", "title"]]
+    catalog = ray.data.from_pandas([titles.iloc[i : i + 2000] for i in range(0, len(titles), 2000)])
+    product_ids, product_vectors = embed_dataset(catalog, "product_id", "title", encoder, path)
     model = load_encoder(path, encoder.device, encoder.max_seq_length)
     by_id = dict(zip(product_ids, product_vectors))
     out = {}
@@ -168,10 +173,14 @@ def main() -> None:
         elif name == "st-mnrl":
             from st_recipe import exact_pairs, train_mnrl
 
-            _, queries, judgments = training_set(prepared, config.stage1, args.train_queries)
-            train_pairs = exact_pairs(build_examples(queries, judgments, products))
-            trained = train_mnrl(None, train_pairs, out / "st-mnrl", batch_size=64, learning_rate=2e-5, epochs=1,
-                                 max_seq_length=config.stage1.max_seq_length)
+            stats = out / "st-mnrl" / "training.json"  # a trained peer is reused when only its evaluation is missing
+            if not stats.exists():
+                _, queries, judgments = training_set(prepared, config.stage1, args.train_queries)
+                train_pairs = exact_pairs(build_examples(queries, judgments, products))
+                trained = train_mnrl(None, train_pairs, out / "st-mnrl", batch_size=64, learning_rate=2e-5, epochs=1,
+                                     max_seq_length=config.stage1.max_seq_length)
+                stats.write_text(json.dumps(trained))
+            trained = json.loads(stats.read_text())
             metrics = evaluate_model(str(out / "st-mnrl" / "model"), products, query_sets, truth, pairs, config.evaluate, config.encoder)
             record(name, started, {**metrics, "training": trained})
         else:

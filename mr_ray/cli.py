@@ -85,6 +85,22 @@ def import_data(
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+@app.command("serve")
+def serve_cmd(
+    run_dir: Path = typer.Option(Path("runs/sample"), help="a finished run (its index/ stage output)"),
+    config: Optional[Path] = typer.Option(None, help="run config YAML (its serve section)"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)"),
+):
+    """Serve search over HTTP from a run's index (Ray Serve); Ctrl-C stops it."""
+    from mr_ray.serve.app import serve_run
+
+    cfg = load_config(config)
+    _init_ray(address)
+    serve_run(run_dir, cfg.serve, host=host, port=port, blocking=True)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     prepared: Path = typer.Option(..., help="a prepare output (or `mr-ray data import`) folder"),

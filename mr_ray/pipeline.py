@@ -51,7 +51,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2")),
     Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep")),
     Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate")),
-    Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index")),
+    Stage("index", "mr_ray.index.build:index_stage", ("prepare", "stage1", "stage2"), ("encoder", "index")),
 )
 
 

@@ -172,7 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.step()
             step += 1
             metrics = {"loss": float(loss), "step": step, "epoch": epoch, "step_s": time.perf_counter() - started, "trainable_params": trainable}
-            if step % cfg.checkpoint_every == 0 and ray.train.get_context().get_world_rank() == 0:
+            last = step == loop_config["steps_per_epoch"] * cfg.epochs
+            if (step % cfg.checkpoint_every == 0 or last) and ray.train.get_context().get_world_rank() == 0:
                 with tempfile.TemporaryDirectory() as folder:
                     trained = {k: v for k, v in core.state_dict().items() if k in _trainable_names(core)}
                     torch.save({"model": trained, "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, Path(folder) / "state.pt")

@@ -151,10 +151,10 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _prepare_shard_dir(shard_dir: Path, prompts: pd.DataFrame, model_path: str | Path) -> None:
-    """Shards are only reused for the same prompts and model; anything else starts clean."""
+def _prepare_shard_dir(shard_dir: Path, prompts: pd.DataFrame, model_path: str | Path, shard_rows: int) -> None:
+    """Shards are only reused for the same prompts, model and shard size; anything else starts clean."""
     digest = hashlib.sha256()
-    digest.update(str(model_path).encode())
+    digest.update(f"{model_path}\x1f{shard_rows}".encode())
     for column in ("query_id", "product_id", "variant", "prompt"):
         digest.update("\x1f".join(map(str, prompts[column])).encode())
     identity = {"prompts_hash": digest.hexdigest()[:16], "rows": int(len(prompts))}
@@ -181,7 +181,7 @@ def run_judge(
     shard_dir = Path(shard_dir)
     prompts = prompts.sort_values(["query_id", "product_id", "variant"], kind="stable").reset_index(drop=True)
     prompts["shard"] = np.arange(len(prompts)) // shard_rows
-    _prepare_shard_dir(shard_dir, prompts, model_path)
+    _prepare_shard_dir(shard_dir, prompts, model_path, shard_rows)
     done = {int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet")}
     todo = prompts[~prompts["shard"].isin(done)]
     log(f"[label] {len(prompts)} prompts in {prompts['shard'].nunique()} shards; {len(done)} already done")

@@ -21,7 +21,7 @@ from mr_ray.config import section_hash
 from mr_ray.labeler import audit, finetune, label, synthesize
 from mr_ray.labeler.model import base_model_folder
 from mr_ray.labeler.prompt import grades_from_probabilities, normalise_logprobs, within_one_accuracy
-from mr_ray.pipeline import StageContext
+from mr_ray.pipeline import StageContext, read_manifest
 from mr_ray.schema import DataError, conform
 
 
@@ -35,7 +35,9 @@ def _write(frame: pd.DataFrame, folder: Path) -> None:
 
 
 def _cache(ctx: StageContext, name: str) -> Path:
-    return ctx.run_dir / "cache" / name
+    """A folder under <run_dir>/cache that outlives a killed stage; keyed by the judge model's content."""
+    judge = read_manifest(ctx.input("judge_finetune")) if "judge_finetune" in ctx.stage.inputs else None
+    return ctx.run_dir / "cache" / (f"{name}-{judge['output_hash']}" if judge else name)
 
 
 def _judge_model(ctx: StageContext) -> Path:
