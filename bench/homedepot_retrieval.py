@@ -87,15 +87,11 @@ def typo_queries(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 def evaluate_model(path: str | None, products, query_sets: dict, truth, pairs, config, encoder) -> dict:
     """Metrics of one encoder on each query set; the catalog is embedded once."""
-    import ray
-
     from mr_ray.evaluate import evaluate_retrieval, pair_cosines, search, separation_metrics
     from mr_ray.retriever.encoder import embed_dataset, encode, load_encoder
+    from mr_ray.retriever.encoder import in_blocks
 
-    # Blocks of 2,000 titles; slices, since Ray's own splitting (np.array_split) breaks on pandas 3.
-    titles = products[["product_id", "title"]]
-    catalog = ray.data.from_pandas([titles.iloc[i : i + 2000] for i in range(0, len(titles), 2000)])
-    product_ids, product_vectors = embed_dataset(catalog, "product_id", "title", encoder, path)
+    product_ids, product_vectors = embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", encoder, path)
     model = load_encoder(path, encoder.device, encoder.max_seq_length)
     by_id = dict(zip(product_ids, product_vectors))
     out = {}

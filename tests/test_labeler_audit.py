@@ -2,7 +2,6 @@
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from mr_ray.config import AuditRulesConfig
 from mr_ray.labeler import audit

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mr_ray.config import JudgeFinetuneConfig
-from mr_ray.labeler.prompt import chat_frame, grade_token_ids, render_pair
+from mr_ray.labeler.prompt import chat_frame, grade_token_ids
 
 PROMPT_COLUMNS = ["query_id", "product_id", "user", "grade"]
 

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from mr_ray.config import EncoderConfig
 
@@ -91,3 +92,12 @@ def embed_dataset(ds, id_column: str, text_column: str, config: EncoderConfig, m
     if not ids:
         raise ValueError(f"nothing to embed: the dataset has no rows in column {text_column!r}")
     return np.concatenate(ids).astype(str), np.concatenate(vectors)
+
+
+def in_blocks(frame: pd.DataFrame, rows: int = 2000):
+    """A Ray Dataset of `rows`-row blocks: progress per block (one 50k-row block on a busy CPU trips
+    Ray Data's 30-minute no-progress timeout) and work for several actors. Slices, since Ray's own
+    splitting (np.array_split) breaks on pandas 3."""
+    import ray
+
+    return ray.data.from_pandas([frame.iloc[i : i + rows] for i in range(0, len(frame), rows)])

@@ -124,16 +124,15 @@ def judge_grades(ctx, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.D
 
 def mine_stage(ctx) -> dict:
     """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
-    import ray
 
-    from mr_ray.retriever.encoder import embed_dataset
+    from mr_ray.retriever.encoder import embed_dataset, in_blocks
     from mr_ray.retriever.train import labeler_outputs, read_frame, training_set
 
     config, encoder = ctx.config.mine, ctx.config.encoder
     model = str(ctx.input("stage1") / "model")
     products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, config.max_queries, labeler_outputs(ctx))
-    product_ids, product_vectors = embed_dataset(ray.data.from_pandas(products[["product_id", "title"]]), "product_id", "title", encoder, model)
-    query_ids, query_vectors = embed_dataset(ray.data.from_pandas(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
+    product_ids, product_vectors = embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", encoder, model)
+    query_ids, query_vectors = embed_dataset(in_blocks(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
     mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
     failed = 0
     if config.annotator == "judge":
