@@ -15,6 +15,7 @@ GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
 export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
 export RAY_USAGE_STATS_ENABLED=0
 
+mkdir -p "$(dirname "$RUN_DIR")"
 HEAD_PID=""
 if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
   # Started from the venv, so the job's python is the venv's. --block keeps

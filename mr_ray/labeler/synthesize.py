@@ -111,4 +111,5 @@ def as_tables(kept: pd.DataFrame, judgments: pd.DataFrame, min_confidence: float
 
 
 def grade_distribution(judgments: pd.DataFrame) -> dict[int, int]:
-    return {int(g): int(n) for g, n in np.unique(judgments["grade"].to_numpy(), return_counts=True)} if len(judgments) else {}
+    grades, counts = np.unique(judgments["grade"].to_numpy(), return_counts=True)
+    return {int(g): int(n) for g, n in zip(grades, counts)}
