@@ -33,6 +33,7 @@ class Stage:
     target: str  # "module:function", imported when the stage runs
     inputs: tuple[str, ...] = ()
     config: tuple[str, ...] = ()  # RunConfig sections that change the output
+    optional: tuple[str, ...] = ()  # inputs used when present (their hash still counts)
 
     def function(self) -> Callable[["StageContext"], dict]:
         module, _, attr = self.target.partition(":")
@@ -51,7 +52,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2")),
     Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep")),
     Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate")),
-    Stage("index", "mr_ray.index.build:index_stage", ("prepare", "stage1", "stage2"), ("encoder", "index")),
+    Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index"), optional=("stage1", "stage2")),
 )
 
 
@@ -92,7 +93,7 @@ def expected_identity(stage: Stage, config: RunConfig, run_dir: Path) -> dict:
     """What a stage's manifest must say for its output to be reused."""
     sections = {name: getattr(config, name) for name in stage.config}
     inputs = {}
-    for name in stage.inputs:
+    for name in stage.inputs + stage.optional:
         upstream = read_manifest(run_dir / name)
         inputs[name] = upstream["output_hash"] if upstream else None
     return {"config_hash": section_hash({k: v.model_dump(mode="json") for k, v in sections.items()}), "input_hashes": inputs}
@@ -115,7 +116,8 @@ def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print) -> dict
     identity = expected_identity(stage, config, run_dir)
     tmp = run_dir / f".tmp-{stage.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name in stage.inputs})
+    present = [name for name in stage.optional if read_manifest(run_dir / name) is not None]
+    ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name in stage.inputs + tuple(present)})
     log(f"[mr-ray] stage {stage.name}: running")
     started = time.perf_counter()
     try:

@@ -94,3 +94,12 @@ def test_config_errors_name_the_key(tmp_path):
     bad.write_text("evaluate:\n  ndcg_k: ten\n")
     with pytest.raises(ConfigError, match="evaluate.ndcg_k"):
         load_config(bad)
+
+
+def test_optional_input_counts_when_it_appears(tmp_path):
+    with_optional = (Stage("consume_optional", f"{__name__}:produce", (), (), optional=("produce",)),)
+    assert run_pipeline(load_config(), tmp_path, stages=with_optional)["consume_optional"] == "ran"
+    assert run_pipeline(load_config(), tmp_path, stages=with_optional)["consume_optional"] == "skipped"
+    run_pipeline(load_config(), tmp_path, stages=STAGES[:1])
+    # The optional upstream now exists: its hash changes the identity, so the stage reruns.
+    assert run_pipeline(load_config(), tmp_path, stages=with_optional)["consume_optional"] == "ran"
