@@ -49,8 +49,16 @@ for attempt in $(seq 60); do
   sleep 2
 done
 echo "[mr-ray] submitted job $JOB_ID to $ADDRESS"
-ray job logs --address "$ADDRESS" --follow "$JOB_ID"
-STATUS="$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -o "Status for job.*" | tail -1)"
-echo "[mr-ray] $STATUS"
-[[ "$STATUS" == *SUCCEEDED* ]] || exit 1
+ray job logs --address "$ADDRESS" --follow "$JOB_ID" || true
+# `ray job status` prints "Job '<id>' succeeded|failed|was stopped" once the job
+# is over, "Status for job ..." while it still runs.
+for _ in $(seq 360); do
+  STATUS="$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 || true)"
+  [[ "$STATUS" == *"Status for job"* ]] || break
+  sleep 5
+done
+if [[ "$STATUS" != *"Job '$JOB_ID' succeeded"* ]]; then
+  echo "[mr-ray] job $JOB_ID did not succeed:"; echo "$STATUS"; exit 1
+fi
+echo "[mr-ray] job $JOB_ID SUCCEEDED"
 echo "[mr-ray] report: $RUN_DIR/evaluate/report.md"

@@ -12,6 +12,7 @@ app on a run folder from Python or the CLI.
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 from pathlib import Path
 
@@ -232,7 +233,8 @@ def serve_run(
     index_dir = Path(run_dir).resolve() / "index"
     read_index_manifest(index_dir)  # fail before starting anything when the run has no index
     if not ray.is_initialized():
-        ray.init()
+        # Never join a stale "current cluster" record: RAY_ADDRESS or a fresh local one.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     serve.start(http_options={"host": host, "port": port})
     args = {"index_dir": str(index_dir), **(config or ServeConfig()).model_dump()}
     return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
