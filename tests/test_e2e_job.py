@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 # Every stage runs, each sized down so the job takes a few minutes on 2 CPUs.
 TINY = """
