@@ -102,14 +102,6 @@ def search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids, quer
     }
 
 
-def dense_run(model_path: str | None, products: pd.DataFrame, queries: pd.DataFrame, k: int, config: EncoderConfig) -> RunDict:
-    """Full-catalog dense retrieval with an encoder folder (None = pretrained)."""
-    product_ids, product_vectors = embed_catalog(model_path, products, config)
-    model = load_encoder(model_path, config.device, config.max_seq_length)
-    query_vectors = encode(model, queries["text"].tolist(), config.batch_size)
-    return search(product_ids, product_vectors, queries["query_id"], query_vectors, k)
-
-
 def pair_cosines(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Cosine of each (query text, product title) pair."""
     query_texts = pairs["text"].drop_duplicates().tolist()
@@ -130,12 +122,6 @@ def separation_metrics(grades: np.ndarray, cosines: np.ndarray) -> dict:
         labels = grades[mask] == hi
         out[f"auc_{hi}_over_{lo}"] = float(roc_auc_score(labels, cosines[mask])) if 0 < labels.sum() < len(labels) else None
     return out
-
-
-def score_separation(model_path: str | None, pairs: pd.DataFrame, config: EncoderConfig) -> dict:
-    """Separation metrics of an encoder on judged pairs (columns text, product_id, title, grade)."""
-    model = load_encoder(model_path, config.device, config.max_seq_length)
-    return separation_metrics(pairs["grade"].to_numpy(), pair_cosines(model, pairs, config.batch_size))
 
 
 def judged_pairs(prepared: Path, query_ids: set[str]) -> pd.DataFrame:
