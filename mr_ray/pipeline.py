@@ -32,7 +32,7 @@ class Stage:
     name: str
     target: str  # "module:function", imported when the stage runs
     inputs: tuple[str, ...] = ()
-    config: tuple[str, ...] = ()  # RunConfig sections that change the output
+    config: tuple[str, ...] = ()  # RunConfig sections (dotted for a subsection) that change the output
     optional: tuple[str, ...] = ()  # inputs used when present (their hash still counts)
 
     def function(self) -> Callable[["StageContext"], dict]:
@@ -43,12 +43,12 @@ class Stage:
 # The main job, in order. A stage's `config` lists the RunConfig sections it reads.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
-    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge",)),
-    Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge",)),
-    Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge",)),
-    Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge",)),
+    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge.model", "judge.finetune")),
+    Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label")),
+    Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit")),
+    Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize")),
     Stage("stage1", "mr_ray.retriever.train:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder", "stage1")),
-    Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge")),
+    Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
     Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2")),
     Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep")),
     Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate")),
@@ -89,14 +89,22 @@ def read_manifest(stage_dir: Path) -> dict | None:
         return None
 
 
+def config_section(config: RunConfig, dotted: str):
+    """The JSON value of a config section or subsection, e.g. "judge.audit"."""
+    node = config
+    for key in dotted.split("."):
+        node = getattr(node, key)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
 def expected_identity(stage: Stage, config: RunConfig, run_dir: Path) -> dict:
     """What a stage's manifest must say for its output to be reused."""
-    sections = {name: getattr(config, name) for name in stage.config}
+    sections = {name: config_section(config, name) for name in stage.config}
     inputs = {}
     for name in stage.inputs + stage.optional:
         upstream = read_manifest(run_dir / name)
         inputs[name] = upstream["output_hash"] if upstream else None
-    return {"config_hash": section_hash({k: v.model_dump(mode="json") for k, v in sections.items()}), "input_hashes": inputs}
+    return {"config_hash": section_hash(sections), "input_hashes": inputs}
 
 
 def is_current(stage: Stage, config: RunConfig, run_dir: Path) -> bool:

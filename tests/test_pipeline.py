@@ -103,3 +103,12 @@ def test_optional_input_counts_when_it_appears(tmp_path):
     run_pipeline(load_config(), tmp_path, stages=STAGES[:1])
     # The optional upstream now exists: its hash changes the identity, so the stage reruns.
     assert run_pipeline(load_config(), tmp_path, stages=with_optional)["consume_optional"] == "ran"
+
+
+def test_subsection_config_only_reruns_its_readers(tmp_path):
+    """A stage keyed on "judge.audit" reruns when the audit settings change, not when synthesis settings do."""
+    stages = (Stage("produce", f"{__name__}:produce", (), ("evaluate.seed", "judge.audit")),)
+    run_pipeline(load_config(), tmp_path, stages=stages)
+    assert run_pipeline(load_config(overrides={"judge.synthesize.max_products": 3}), tmp_path, stages=stages) == {"produce": "skipped"}
+    assert run_pipeline(load_config(overrides={"judge.audit.prompt_variants": 1}), tmp_path, stages=stages) == {"produce": "ran"}
+    assert run_pipeline(load_config(overrides={"judge.audit.prompt_variants": 1, "evaluate.seed": 3}), tmp_path, stages=stages) == {"produce": "ran"}
