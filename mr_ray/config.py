@@ -110,7 +110,7 @@ class TrainLoopConfig(Strict):
     max_train_queries: int | None = Field(None, ge=1, description="train on a seeded subset of the train split")
     num_workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    cpus_per_worker: float = Field(2.0, gt=0.0, description="Ray Train sets torch threads to this: on a 2-core node, 2 trains ~2x faster than 1")
     seed: int = 0
 
 

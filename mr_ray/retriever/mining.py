@@ -82,7 +82,7 @@ def mine_hard_samples(
             kept += 1
         if group is None or config.boundary_per_query == 0:
             continue
-        group = group[group["product_id"].isin(row_of)]
+        group = group[[pid in row_of for pid in group["product_id"]]]  # Series.isin(dict) walks all its keys per call
         if group.empty:
             continue
         vectors = product_vectors[[row_of[pid] for pid in group["product_id"]]]
