@@ -118,14 +118,14 @@ def is_current(stage: Stage, config: RunConfig, run_dir: Path) -> bool:
 def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print) -> dict:
     """Run one stage into a temp folder, write its manifest, rename it into place."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in stage.inputs:
-        if read_manifest(run_dir / name) is None:
-            raise RuntimeError(f"stage {stage.name!r} needs the output of {name!r}, which has not run in {run_dir}")
     identity = expected_identity(stage, config, run_dir)
+    upstream = identity["input_hashes"]  # None where an upstream stage has no manifest
+    for name in stage.inputs:
+        if upstream[name] is None:
+            raise RuntimeError(f"stage {stage.name!r} needs the output of {name!r}, which has not run in {run_dir}")
     tmp = run_dir / f".tmp-{stage.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    present = [name for name in stage.optional if read_manifest(run_dir / name) is not None]
-    ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name in stage.inputs + tuple(present)})
+    ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name, found in upstream.items() if found is not None})
     log(f"[mr-ray] stage {stage.name}: running")
     started = time.perf_counter()
     try:
