@@ -9,24 +9,12 @@ from typing import Optional
 
 import typer
 
+from mr_ray.cluster import init_ray
 from mr_ray.config import load_config
 
 app = typer.Typer(help="Mine and Refine on Ray: graded-relevance search embeddings.", no_args_is_help=True)
 data_app = typer.Typer(help="Data import.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-
-
-def _init_ray(address: Optional[str]) -> None:
-    """Join `address` (or RAY_ADDRESS); otherwise start a private local cluster.
-
-    Ray would otherwise join whatever cluster last ran on this machine, even a dead one.
-    """
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
 @app.command()
@@ -40,7 +28,7 @@ def run(
     from mr_ray.pipeline import run_pipeline
 
     cfg = load_config(config)
-    _init_ray(address)
+    init_ray(address)
     run_pipeline(cfg, run_dir, force=force)
 
 
@@ -56,7 +44,7 @@ def stage(
     from mr_ray.pipeline import run_pipeline
 
     cfg = load_config(config)
-    _init_ray(address)
+    init_ray(address)
     run_pipeline(cfg, run_dir, only=[name], force=force)
 
 
@@ -97,7 +85,7 @@ def serve_cmd(
     from mr_ray.serve.app import serve_run
 
     cfg = load_config(config)
-    _init_ray(address)
+    init_ray(address)
     serve_run(run_dir, cfg.serve, host=host, port=port, blocking=True)
 
 
@@ -121,7 +109,7 @@ def evaluate_cmd(
     for item in model:
         name, _, folder = item.partition("=")
         models[name] = folder
-    _init_ray(address)
+    init_ray(address)
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate_systems(prepared, models, cfg.evaluate, cfg.encoder, out / "similarity_hist.png")
     (out / "report.json").write_text(json.dumps(result, indent=2))

@@ -12,7 +12,6 @@ app on a run folder from Python or the CLI.
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 from typing_extensions import Annotated
 
+from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
 from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_hits, read_index_manifest
@@ -228,13 +228,9 @@ def serve_run(
     Connects to the Ray cluster in RAY_ADDRESS if set, else starts a local one.
     Returns the ingress handle when `blocking` is False.
     """
-    import ray
-
     index_dir = Path(run_dir).resolve() / "index"
     read_index_manifest(index_dir)  # fail before starting anything when the run has no index
-    if not ray.is_initialized():
-        # Never join a stale "current cluster" record: RAY_ADDRESS or a fresh local one.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    init_ray()
     serve.start(http_options={"host": host, "port": port})
     args = {"index_dir": str(index_dir), **(config or ServeConfig()).model_dump()}
     return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)
