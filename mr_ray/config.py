@@ -83,6 +83,7 @@ class ServeConfig(Strict):
     encoder_max_batch_size: int = Field(32, ge=1)
     encoder_batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="0 = batch whatever queued while the last batch ran")
     ingress_num_cpus: float = Field(0.1, ge=0.0)
+    ingress_max_batch_size: int = Field(32, ge=1, description="concurrent requests retrieved with one encoder call and one call per shard")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, for every deployment of the app")
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ class ServeArgs(ServeConfig):
     max_ongoing_requests=64,
 )
 class QueryEncoder:
-    """Encodes query texts, batching the requests that queue up while a batch runs."""
+    """Encodes lists of query texts, batching the calls that queue up while a batch runs."""
 
     def __init__(self, model_path: str | None, device: str, max_seq_length: int, max_batch_size: int, batch_wait_timeout_s: float):
         self.model = load_encoder(model_path, device, max_seq_length)
@@ -59,13 +60,15 @@ class QueryEncoder:
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     @serve.batch
-    async def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        # In a thread, so requests keep queueing (and form the next batch) while this one encodes.
+    async def encode_batch(self, text_lists: list[list[str]]) -> list[np.ndarray]:
+        texts = [text for texts in text_lists for text in texts]
+        # In a thread, so calls keep queueing (and form the next batch) while this one encodes.
         vectors = await asyncio.to_thread(encode, self.model, texts, len(texts))
-        return list(vectors)
+        return np.split(vectors, np.cumsum([len(texts) for texts in text_lists])[:-1])
 
-    async def __call__(self, text: str) -> np.ndarray:
-        return await self.encode_batch(text)
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        """One L2-normalised row per text."""
+        return await self.encode_batch(texts)
 
 
 @serve.deployment(max_ongoing_requests=64)
@@ -75,8 +78,8 @@ class ShardSearcher:
     def __init__(self, folder: str, search_params: str):
         self.shard = ShardIndex(folder, search_params)
 
-    def search(self, vector: np.ndarray, k: int):
-        return self.shard.search(vector, k)
+    def search(self, vectors: np.ndarray, k: int):
+        return self.shard.search(vectors, k)
 
 
 api = FastAPI(
@@ -99,7 +102,12 @@ async def readable_validation_error(request: Request, err: RequestValidationErro
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(api)
 class SearchIngress:
-    """Encodes the query once, fans out to every shard in parallel, merges the top-k."""
+    """Encodes the query once, fans out to every shard in parallel, merges the top-k.
+
+    Requests that arrive together are retrieved together: one encoder call and
+    one call per shard for the whole batch, not per request (each call between
+    replicas costs about as much CPU as encoding a short query).
+    """
 
     def __init__(self, encoder, shards: list, shard_names: list[str], thresholds: dict, info: dict, options: dict):
         self.encoder = encoder
@@ -108,6 +116,7 @@ class SearchIngress:
         self.thresholds = GradeThresholds(**thresholds)
         self.info = info
         self.options = ServeConfig(**options)
+        self.retrieve.set_max_batch_size(self.options.ingress_max_batch_size)
         # Exported with Serve's own Prometheus metrics (deployment, replica, app tags added by Serve).
         self.missing_shard_counter = metrics.Counter(
             "mr_ray_missing_shard_answers", description="searches answered without a shard", tag_keys=("shard",)
@@ -136,34 +145,41 @@ class SearchIngress:
             raise HTTPException(
                 422, f"query: {len(request.query)} characters is too long; at most {self.options.max_query_chars}"
             )
-        try:
-            vector = await self.encoder.remote(request.query)
-        except (RayError, RayServeException) as err:
-            logger.warning("query encoder failed: %r", err)
-            raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
-        answers = await asyncio.gather(*(self.search_shard(shard, vector, k) for shard in range(len(self.shards))))
-        missing = [name for name, hits in zip(self.shard_names, answers) if hits is None]
-        for name in missing:
-            self.missing_shard_counter.inc(tags={"shard": name})
-        found = [hits for hits in answers if hits is not None]
-        if not found:
-            raise HTTPException(503, f"no shard answered ({', '.join(missing)}); retry shortly")
-        results = merge_hits(found, k).rows(0)
+        results, missing = await self.retrieve(request.query, k)
         grades = self.thresholds.grade([row["score"] for row in results])
         products = [
             {**row, "grade": int(grade), "grade_name": GRADE_NAMES[Grade(int(grade))]}
             for row, grade in zip(results, grades)
             if request.min_grade is None or grade >= request.min_grade
         ]
-        for product in products:
-            self.results_counter.inc(tags={"grade": product["grade_name"]})
+        for name, count in Counter(product["grade_name"] for product in products).items():
+            self.results_counter.inc(count, tags={"grade": name})
         return {"query": request.query, "k": k, "results": products, "missing_shards": missing, "shards": len(self.shards)}
 
-    async def search_shard(self, shard: int, vector: np.ndarray, k: int):
-        """A shard's hits, or None once every attempt failed (the response then names the shard)."""
+    @serve.batch(batch_wait_timeout_s=0.0)
+    async def retrieve(self, queries: list[str], ks: list[int]) -> list[tuple[list[dict], list[str]]]:
+        """Per request: its top-k rows merged over the shards that answered, and the names of those that did not."""
+        try:
+            vectors = await self.encoder.remote(queries)
+        except (RayError, RayServeException) as err:
+            logger.warning("query encoder failed: %r", err)
+            raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
+        k = max(ks)
+        answers = await asyncio.gather(*(self.search_shard(shard, vectors, k) for shard in range(len(self.shards))))
+        missing = [name for name, hits in zip(self.shard_names, answers) if hits is None]
+        for name in missing:
+            self.missing_shard_counter.inc(len(queries), tags={"shard": name})
+        found = [hits for hits in answers if hits is not None]
+        if not found:
+            raise HTTPException(503, f"no shard answered ({', '.join(missing)}); retry shortly")
+        merged = merge_hits(found, k)
+        return [(merged.rows(i)[:k_i], missing) for i, k_i in enumerate(ks)]
+
+    async def search_shard(self, shard: int, vectors: np.ndarray, k: int):
+        """A shard's hits, or None once every attempt failed (the responses then name the shard)."""
         for attempt in range(1 + self.options.shard_retries):
             try:
-                return await asyncio.wait_for(self.shards[shard].search.remote(vector, k), self.options.shard_timeout_s)
+                return await asyncio.wait_for(self.shards[shard].search.remote(vectors, k), self.options.shard_timeout_s)
             except (RayError, RayServeException, TimeoutError) as err:
                 logger.warning("%s attempt %d failed: %r", self.shard_names[shard], attempt + 1, err)
         return None
