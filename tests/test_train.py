@@ -10,7 +10,7 @@ import yaml
 from mr_ray.config import RunConfig, SampleConfig, Stage1Config, load_config
 from mr_ray.data.sample import generate_sample
 from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
-from mr_ray.retriever.train import build_examples, embed, sample_batch, stage_loss, train_encoder
+from mr_ray.retriever.train import TwoTower, build_examples, sample_batch, stage_loss, train_encoder
 
 TINY_TRAIN = {"queries_per_batch": 8, "products_per_query": 2, "learning_rate": 2e-4, "max_seq_length": 24, "warmup_fraction": 0.0}
 
@@ -29,8 +29,8 @@ def fixed_batch_loss(model_path, examples, config) -> float:
     model.eval()
     queries, titles, grades = sample_batch(examples, products_per_query=4, rng=np.random.default_rng(0))
     with torch.no_grad():
-        vectors = embed(model, queries + titles, "cpu")
-        return sum(w * term(vectors[: len(queries)], vectors[len(queries) :], grades) for w, term in stage_loss(config)).item()
+        q, p = TwoTower(model)(queries, titles)
+        return sum(w * term(q, p, grades) for w, term in stage_loss(config)).item()
 
 
 def test_ray_train_lowers_the_loss_saves_a_loadable_encoder_and_resumes(ray_local, tiny_examples, tmp_path):

@@ -152,27 +152,40 @@ def make_optimizer(model: torch.nn.Module, config: TrainLoopConfig, total_steps:
     return optimizer, scheduler
 
 
-def embed(model, texts: list[str], device) -> torch.Tensor:
-    """Normalised embeddings with gradients, in one forward (DDP wants one per step)."""
-    encoder = getattr(model, "module", model)
-    features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in encoder.preprocess(texts).items()}
-    return F.normalize(model(features)["sentence_embedding"], dim=-1)
+class TwoTower(torch.nn.Module):
+    """The shared encoder over a step's queries and its products: normalised embeddings with gradients.
+
+    Two passes inside one forward: each side is padded to its own longest text
+    (one joint pass padded every query to product-title length, ~40% more tokens
+    a step), and DDP still sees one forward per step.
+    """
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, queries: list[str], products: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.encoder.parameters()).device
+        return tuple(self._embed(texts, device) for texts in (queries, products))
+
+    def _embed(self, texts: list[str], device) -> torch.Tensor:
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.encoder.preprocess(texts).items()}
+        return F.normalize(self.encoder(features)["sentence_embedding"], dim=-1)
 
 
-def run_epoch(model, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler, products_per_query: int, rng, device) -> dict:
-    """One pass over `frames` (batches of query rows); returns mean loss, steps, pairs/s."""
-    model.train()
+def run_epoch(towers, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler, products_per_query: int, rng, device) -> dict:
+    """One pass over `frames` (batches of query rows) with a `TwoTower` (or its DDP wrapper); returns mean loss, steps, pairs/s."""
+    towers.train()
     losses, pairs, started = [], 0, time.perf_counter()
     for frame in frames:
         frame = pd.DataFrame(frame) if not isinstance(frame, pd.DataFrame) else frame
         queries, titles, grades = sample_batch(frame, products_per_query, rng)
         grades = grades.to(device)
-        vectors = embed(model, queries + titles, device)
-        q, p = vectors[: len(queries)], vectors[len(queries) :]
+        q, p = towers(queries, titles)
         loss = sum(weight * term(q, p, grades) for weight, term in terms)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(towers.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(float(loss.detach()))
@@ -215,7 +228,7 @@ def train_loop_per_worker(loop: dict) -> None:
         start_epoch = state["epoch"] + 1
     else:
         model = load_encoder(loop["init_model"], str(device), config.max_seq_length)
-    model = ray.train.torch.prepare_model(model)
+    towers = ray.train.torch.prepare_model(TwoTower(model))
     steps_per_epoch = -(-loop["n_rows"] // (config.queries_per_batch * world))
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch * config.epochs)
     if state is not None:
@@ -238,7 +251,7 @@ def train_loop_per_worker(loop: dict) -> None:
         metrics = {
             "epoch": epoch,
             "started_at_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
-            **run_epoch(model, frames, terms, optimizer, scheduler, config.products_per_query, rng, device),
+            **run_epoch(towers, frames, terms, optimizer, scheduler, config.products_per_query, rng, device),
         }
         history.append(metrics)
         if tracker:
@@ -246,7 +259,7 @@ def train_loop_per_worker(loop: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
-                getattr(model, "module", model).save(str(Path(folder) / "model"))
+                model.save(str(Path(folder) / "model"))  # the encoder inside the (DDP-wrapped) towers
                 torch.save(
                     {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "history": history, "mlflow_run_id": tracker.run_id if tracker else None},
