@@ -7,8 +7,8 @@ import os
 # Ray Serve's throughput mode (Ray >= 2.56): replica user code and routers on the
 # replica's main event loop, gRPC between replicas, buffered request logs; the HTTP
 # proxy stays (direct ingress off). On the 2-core dev box it cut the search app's
-# p50 at concurrency 1 from 28.8 to 22.0 ms and raised its concurrency-32 throughput
-# from 52.6 to 65.4 q/s (bench/serve_latency.py). Every Serve process reads these when
+# p50 at concurrency 1 from 27.5 to 22.0 ms and raised its concurrency-32 throughput
+# from 55.5 to 65.4 q/s (bench/serve_latency.py). Every Serve process reads these when
 # it starts, so they are set where a cluster starts: here for a private local one,
 # in cluster.yaml's `ray start` commands for a cluster.
 SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
