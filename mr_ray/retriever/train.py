@@ -147,7 +147,10 @@ def stage_loss(config: TrainLoopConfig, temperature: float | None = None, partia
 def make_optimizer(model: torch.nn.Module, config: TrainLoopConfig, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    # The fused kernel (CPU and CUDA) is what transformers' Trainer uses by default, so
+    # bench/train_throughput.py compares like with like.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), max(total_steps, 1))
     return optimizer, scheduler
 
