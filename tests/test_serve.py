@@ -72,6 +72,22 @@ def test_search_matches_one_exact_index(service, exact):
         assert all(r["title"] for r in body["results"])
 
 
+def test_concurrent_requests_with_different_k_each_get_their_own_top_k(service, exact):
+    """Requests that arrive together may be retrieved as one batch (searched at the largest k): each keeps its own k."""
+    asks = [(QUERIES[i % len(QUERIES)], 1 + (7 * i) % 25) for i in range(24)]
+
+    def ask(query_k):
+        query, k = query_k
+        return requests.get(f"{service['url']}/search", params={"query": query, "k": k}, timeout=60).json()
+
+    with ThreadPoolExecutor(12) as pool:
+        bodies = list(pool.map(ask, asks))
+    for (query, k), body in zip(asks, bodies):
+        assert body["query"] == query and body["k"] == k and body["missing_shards"] == []
+        _, rows = exact["index"].search(encode(exact["model"], [query]), k)
+        assert [r["product_id"] for r in body["results"]] == exact["ids"][rows[0]].tolist()
+
+
 def test_post_min_grade_keeps_only_the_upper_tiers(service):
     everything = requests.post(f"{service['url']}/search", json={"query": "cordless drill 20v", "k": 30}, timeout=30).json()
     exact_only = requests.post(f"{service['url']}/search", json={"query": "cordless drill 20v", "k": 30, "min_grade": 2}, timeout=30).json()
