@@ -28,7 +28,7 @@ import aiohttp
 import numpy as np
 import requests
 
-from mr_ray.cluster import SERVE_ENVIRONMENT
+from mr_ray.cluster import use_serve_environment
 from mr_ray.index.shards import index_encoder_path, merge_hits, open_shards, read_index_manifest
 from mr_ray.retriever.encoder import encode, load_encoder
 
@@ -120,7 +120,7 @@ def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level:
 
     from mr_ray.serve.app import APP_NAME, build_app
 
-    os.environ.update(SERVE_ENVIRONMENT)  # as `mr-ray serve` starts its local cluster
+    use_serve_environment()  # as `mr-ray serve` starts its local cluster
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

@@ -14,6 +14,13 @@ import os
 SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
+def use_serve_environment() -> None:
+    """Put SERVE_ENVIRONMENT into this process's environment (a value already set wins),
+    so a local cluster started from here inherits it."""
+    for key, value in SERVE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(address: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS); otherwise start a private local cluster with SERVE_ENVIRONMENT.
 
@@ -26,6 +33,5 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        for key, value in SERVE_ENVIRONMENT.items():
-            os.environ.setdefault(key, value)  # inherited by the local cluster's processes
+        use_serve_environment()
     ray.init(address=address or "local")

@@ -3,13 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from mr_ray.cluster import SERVE_ENVIRONMENT
+from mr_ray.cluster import use_serve_environment
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-for _key, _value in SERVE_ENVIRONMENT.items():  # the tests' local cluster serves as `mr-ray serve` does
-    os.environ.setdefault(_key, _value)
+use_serve_environment()  # the tests' local cluster serves as `mr-ray serve` does
 
 REPO = Path(__file__).resolve().parents[1]
 HOMEDEPOT = REPO.parent / "shared" / "data" / "homedepot"
