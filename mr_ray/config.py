@@ -143,6 +143,11 @@ class MineConfig(Strict):
     max_queries: int | None = Field(
         24, ge=1, description="mine a seeded subset of the train queries (the CPU judge re-annotates ~8 pairs each); None = all"
     )
+    unjudged_grade: Literal[0] | None = Field(
+        None,
+        description="annotator=grades: grade of a mined product the source has not judged; None = drop the pair, "
+        "0 = take it as irrelevant (classic ANN hard-negative mining, for data without an LLM judge)",
+    )
 
 
 class CircleConfig(Strict):

@@ -81,3 +81,11 @@ def test_annotate_takes_grades_from_the_source_and_drops_unknown_pairs():
     out = annotate(mined, grades)
     assert list(zip(out["product_id"], out["grade"])) == [("a", 2), ("c", 0)]
     assert (out["source"] == "mined").all()
+
+
+def test_annotate_can_take_unjudged_mined_products_as_irrelevant():
+    mined = pd.DataFrame({"query_id": ["q1", "q1", "q2"], "product_id": ["a", "b", "c"], "reason": "unjudged", "rank": [0, 1, 0], "score": [0.9, 0.8, 0.7]})
+    grades = pd.DataFrame({"query_id": ["q1", "q2", "q9"], "product_id": ["a", "c", "a"], "grade": [2, 1, 1]})
+    out = annotate(mined, grades, unjudged_grade=0)
+    assert list(zip(out["query_id"], out["product_id"], out["grade"])) == [("q1", "a", 2), ("q1", "b", 0), ("q2", "c", 1)]
+    assert out["grade"].dtype == np.int8

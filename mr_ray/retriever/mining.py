@@ -96,10 +96,13 @@ def mine_hard_samples(
     return pd.DataFrame(found, columns=["query_id", "product_id", "reason", "rank", "score"])
 
 
-def annotate(mined: pd.DataFrame, grades: pd.DataFrame) -> pd.DataFrame:
-    """Attach grades (query_id, product_id, grade) to mined pairs; pairs without one are dropped."""
+def annotate(mined: pd.DataFrame, grades: pd.DataFrame, unjudged_grade: int | None = None) -> pd.DataFrame:
+    """Attach grades (query_id, product_id, grade) to mined pairs; pairs without one are dropped, or get `unjudged_grade`."""
     lookup = grades[["query_id", "product_id", "grade"]].drop_duplicates(["query_id", "product_id"], keep="last")
-    out = mined.merge(lookup, on=["query_id", "product_id"], how="inner")
+    if unjudged_grade is None:
+        out = mined.merge(lookup, on=["query_id", "product_id"], how="inner")
+    else:
+        out = mined.merge(lookup, on=["query_id", "product_id"], how="left").fillna({"grade": unjudged_grade})
     out["grade"] = out["grade"].astype(np.int8)
     out["source"] = MINED_SOURCE
     return out
@@ -139,7 +142,7 @@ def mine_stage(ctx) -> dict:
         grades, failed = judge_grades(ctx, mined, queries, products)
     else:
         grades = read_frame(ctx.input("prepare"), config.grades_source)
-    annotated = annotate(mined, grades)
+    annotated = annotate(mined, grades, config.unjudged_grade if config.annotator == "grades" else None)
     folder = ctx.out / "mined"
     folder.mkdir()
     annotated.to_parquet(folder / "part-00000.parquet", index=False)

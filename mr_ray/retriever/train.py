@@ -177,10 +177,15 @@ class TwoTower(torch.nn.Module):
 
 
 def run_epoch(towers, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler, products_per_query: int, rng, device) -> dict:
-    """One pass over `frames` (batches of query rows) with a `TwoTower` (or its DDP wrapper); returns mean loss, steps, pairs/s."""
+    """One pass over `frames` (batches of query rows) with a `TwoTower` (or its DDP wrapper); returns mean loss, steps, pairs/s.
+
+    pairs/s counts from the first batch in hand, as transformers' Trainer times its
+    steps; the wait for that first batch (the data pipeline starting) is `first_batch_s`.
+    """
     towers.train()
-    losses, pairs, started = [], 0, time.perf_counter()
+    losses, pairs, entered, started = [], 0, time.perf_counter(), None
     for frame in frames:
+        started = started or time.perf_counter()
         frame = pd.DataFrame(frame) if not isinstance(frame, pd.DataFrame) else frame
         queries, titles, grades = sample_batch(frame, products_per_query, rng)
         grades = grades.to(device)
@@ -193,12 +198,14 @@ def run_epoch(towers, frames: Iterable[pd.DataFrame], terms, optimizer, schedule
         scheduler.step()
         losses.append(float(loss.detach()))
         pairs += sum(min(products_per_query, len(g)) for g in frame["grades"])  # (query, product) samples drawn
+    started = started or time.perf_counter()
     elapsed = time.perf_counter() - started
     return {
         "loss": float(np.mean(losses)) if losses else float("nan"),
         "steps": len(losses),
         "pairs": pairs,
         "pairs_per_s": pairs / elapsed if elapsed > 0 else 0.0,
+        "first_batch_s": started - entered,
     }
 
 
