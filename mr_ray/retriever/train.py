@@ -179,8 +179,8 @@ class TwoTower(torch.nn.Module):
 def run_epoch(towers, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler, products_per_query: int, rng, device) -> dict:
     """One pass over `frames` (batches of query rows) with a `TwoTower` (or its DDP wrapper); returns mean loss, steps, pairs/s.
 
-    pairs/s counts from the first batch in hand, as transformers' Trainer times its
-    steps; the wait for that first batch (the data pipeline starting) is `first_batch_s`.
+    pairs/s counts from the first batch in hand, as bench/st_recipe.py's StepTimer times
+    the peer's Trainer; the wait for that first batch (the data pipeline starting) is `first_batch_s`.
     """
     towers.train()
     losses, pairs, entered, started = [], 0, time.perf_counter(), None
