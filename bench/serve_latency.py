@@ -5,6 +5,8 @@
     (b) plain: a single-process FastAPI + sentence-transformers + FAISS server
         (bench/plain_server.py under uvicorn) over the same index.
 
+The Serve app runs in both layouts: colocated (encoder and shards inside the
+ingress replica) and replicas (a QueryEncoder and a ShardSearcher per shard).
 Each system answers the same queries at concurrency 1, 8 and 32 over loopback
 HTTP (a fixed number of requests per level); printed: p50/p99 latency,
 throughput, and the ratios. Targets (issue 5): Serve p50 within 5 ms of bare at
@@ -114,7 +116,7 @@ def wait_healthy(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} did not become healthy in {timeout_s} s")
 
 
-def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level: int) -> dict[int, dict]:
+def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level: int, colocate: bool) -> dict[int, dict]:
     import ray
     from ray import serve
 
@@ -125,7 +127,7 @@ def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level:
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"index_dir": str(index_dir)}), name=APP_NAME, route_prefix="/")
+        serve.run(build_app({"index_dir": str(index_dir), "colocate": colocate}), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
         return bench_http(url, queries, k, requests_per_level)
@@ -169,17 +171,20 @@ def main() -> None:
 
     bare = bench_bare(index_dir, queries[: args.requests], args.k)
     plain = bench_plain(index_dir, queries, args.k, args.requests)
-    served = bench_serve(index_dir, queries, args.k, args.requests)
+    layouts = {"colocated": True, "replicas": False}
+    served = {layout: bench_serve(index_dir, queries, args.k, args.requests, colocate) for layout, colocate in layouts.items()}
 
     print(f"\nbare compute (in process, sequential): p50 {bare['p50_ms']:.2f} ms  p99 {bare['p99_ms']:.2f} ms  {bare['rps']:.1f} q/s")
-    print(f"{'conc':>4} | {'serve p50':>9} {'p99':>8} {'q/s':>7} | {'plain p50':>9} {'p99':>8} {'q/s':>7} | {'serve/plain q/s':>15} {'serve/plain p50':>15}")
-    for c in LEVELS:
-        s, p = served[c], plain[c]
-        print(f"{c:>4} | {s['p50_ms']:>9.2f} {s['p99_ms']:>8.2f} {s['rps']:>7.1f} | {p['p50_ms']:>9.2f} {p['p99_ms']:>8.2f} {p['rps']:>7.1f} | "
-              f"{s['rps'] / p['rps']:>15.2f} {s['p50_ms'] / p['p50_ms']:>15.2f}")
-    print(f"\nconcurrency 1: serve p50 - bare p50 = {served[1]['p50_ms'] - bare['p50_ms']:+.2f} ms "
-          f"(x{served[1]['p50_ms'] / bare['p50_ms']:.2f}); plain p50 - bare p50 = {plain[1]['p50_ms'] - bare['p50_ms']:+.2f} ms")
-    print(f"concurrency 32: serve throughput / plain = {served[32]['rps'] / plain[32]['rps']:.2f}")
+    for layout, results in served.items():
+        print(f"\nServe, {layout} (colocate: {str(layouts[layout]).lower()})")
+        print(f"{'conc':>4} | {'serve p50':>9} {'p99':>8} {'q/s':>7} | {'plain p50':>9} {'p99':>8} {'q/s':>7} | {'serve/plain q/s':>15} {'serve/plain p50':>15}")
+        for c in LEVELS:
+            s, p = results[c], plain[c]
+            print(f"{c:>4} | {s['p50_ms']:>9.2f} {s['p99_ms']:>8.2f} {s['rps']:>7.1f} | {p['p50_ms']:>9.2f} {p['p99_ms']:>8.2f} {p['rps']:>7.1f} | "
+                  f"{s['rps'] / p['rps']:>15.2f} {s['p50_ms'] / p['p50_ms']:>15.2f}")
+        print(f"concurrency 1: serve p50 - bare p50 = {results[1]['p50_ms'] - bare['p50_ms']:+.2f} ms "
+              f"(x{results[1]['p50_ms'] / bare['p50_ms']:.2f}); plain p50 - bare p50 = {plain[1]['p50_ms'] - bare['p50_ms']:+.2f} ms")
+        print(f"concurrency 32: serve throughput / plain = {results[32]['rps'] / plain[32]['rps']:.2f}")
 
 
 if __name__ == "__main__":

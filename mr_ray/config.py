@@ -73,6 +73,12 @@ class IndexConfig(Strict):
 class ServeConfig(Strict):
     """The online search application (mr_ray.serve); also the app builder's args."""
 
+    colocate: bool = Field(
+        False,
+        description="run the query encoder and every shard inside the ingress replica (one process, no calls between "
+        "replicas; autoscale SearchIngress instead): the fastest layout on one small node, for an index that fits in "
+        "each ingress replica's memory. False: a QueryEncoder deployment and a ShardSearcher deployment per shard",
+    )
     shard_replicas: int = Field(1, ge=1, description="replicas of each ShardSearcher deployment")
     shard_num_cpus: float = Field(0.1, ge=0.0)
     shard_timeout_s: float = Field(5.0, gt=0.0, description="per attempt; a shard still silent is reported missing")
@@ -81,9 +87,12 @@ class ServeConfig(Strict):
     encoder_num_gpus: float = Field(0.0, ge=0.0)
     encoder_device: Literal["auto", "cpu", "cuda"] = "auto"
     encoder_max_batch_size: int = Field(32, ge=1)
-    encoder_batch_wait_timeout_s: float = Field(0.0, ge=0.0, description="0 = batch whatever queued while the last batch ran")
+    encoder_batch_wait_timeout_s: float = Field(
+        0.0, ge=0.0, description="serve.batch's wait for more calls before a batch closes (several ingress replicas sharing a GPU encoder); "
+        "0 = none: each ingress replica already sends one call per batch of requests"
+    )
     ingress_num_cpus: float = Field(0.1, ge=0.0)
-    ingress_max_batch_size: int = Field(32, ge=1, description="concurrent requests retrieved with one encoder call and one call per shard")
+    ingress_max_batch_size: int = Field(32, ge=1, description="requests that queued while a retrieval ran, retrieved together next (one encoder call, one call per shard)")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, for every deployment of the app")
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)

@@ -21,7 +21,7 @@ from mr_ray.index.shards import open_shards
 from mr_ray.index.thresholds import GradeThresholds
 from mr_ray.pipeline import run_pipeline
 from mr_ray.retriever.encoder import encode, load_encoder
-from mr_ray.serve.app import ServeArgs, serve_run
+from mr_ray.serve.app import ServeArgs, build_app, serve_run
 
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = ["black leather sofa", "cordless drill 20v", "zapatillas para correr", "stainless steel frying pan 12 inch"]
@@ -47,6 +47,22 @@ def service(ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def colocated(service):
+    """The same index served by a second app whose ingress holds the encoder and both shards itself."""
+    from ray import serve
+
+    options = ServeConfig(colocate=True, ingress_num_cpus=0, encoder_num_cpus=0, shard_num_cpus=0, max_k=50, max_query_chars=64)
+    serve.run(build_app({"index_dir": str(service["index_dir"]), **options.model_dump()}), name="colocated", route_prefix="/colocated")
+    return {**service, "url": f"{service['url']}/colocated"}
+
+
+@pytest.fixture(params=["replicas", "colocated"])
+def app(request):
+    """Either layout of the search app: a QueryEncoder and ShardSearcher replicas, or all in the ingress."""
+    return request.getfixturevalue("service" if request.param == "replicas" else "colocated")
+
+
+@pytest.fixture(scope="module")
 def exact(service):
     """Every product vector in one exact index, and the pretrained encoder."""
     shards = open_shards(service["index_dir"])
@@ -57,10 +73,10 @@ def exact(service):
     return {"index": index, "ids": ids, "model": load_encoder(None, "cpu", 64), "shard_ids": [set(s.product_ids[:-1]) for s in shards]}
 
 
-def test_search_matches_one_exact_index(service, exact):
-    thresholds = GradeThresholds.load(service["index_dir"])
+def test_search_matches_one_exact_index(app, exact):
+    thresholds = GradeThresholds.load(app["index_dir"])
     for query in QUERIES:
-        response = requests.get(f"{service['url']}/search", params={"query": query, "k": 10}, timeout=30)
+        response = requests.get(f"{app['url']}/search", params={"query": query, "k": 10}, timeout=30)
         assert response.status_code == 200, response.text
         body = response.json()
         assert body["missing_shards"] == [] and body["shards"] == 2 and body["k"] == 10
@@ -72,13 +88,13 @@ def test_search_matches_one_exact_index(service, exact):
         assert all(r["title"] for r in body["results"])
 
 
-def test_concurrent_requests_with_different_k_each_get_their_own_top_k(service, exact):
+def test_concurrent_requests_with_different_k_each_get_their_own_top_k(app, exact):
     """Requests that arrive together may be retrieved as one batch (searched at the largest k): each keeps its own k."""
     asks = [(QUERIES[i % len(QUERIES)], 1 + (7 * i) % 25) for i in range(24)]
 
     def ask(query_k):
         query, k = query_k
-        return requests.get(f"{service['url']}/search", params={"query": query, "k": k}, timeout=60).json()
+        return requests.get(f"{app['url']}/search", params={"query": query, "k": k}, timeout=60).json()
 
     with ThreadPoolExecutor(12) as pool:
         bodies = list(pool.map(ask, asks))
@@ -88,13 +104,13 @@ def test_concurrent_requests_with_different_k_each_get_their_own_top_k(service, 
         assert [r["product_id"] for r in body["results"]] == exact["ids"][rows[0]].tolist()
 
 
-def test_post_min_grade_keeps_only_the_upper_tiers(service):
-    everything = requests.post(f"{service['url']}/search", json={"query": "cordless drill 20v", "k": 30}, timeout=30).json()
-    exact_only = requests.post(f"{service['url']}/search", json={"query": "cordless drill 20v", "k": 30, "min_grade": 2}, timeout=30).json()
+def test_post_min_grade_keeps_only_the_upper_tiers(app):
+    everything = requests.post(f"{app['url']}/search", json={"query": "cordless drill 20v", "k": 30}, timeout=30).json()
+    exact_only = requests.post(f"{app['url']}/search", json={"query": "cordless drill 20v", "k": 30, "min_grade": 2}, timeout=30).json()
     expected = [r for r in everything["results"] if r["grade"] == 2]
     assert 0 < len(expected) < 30
     assert [r["product_id"] for r in exact_only["results"]] == [r["product_id"] for r in expected]
-    default_k = requests.post(f"{service['url']}/search", json={"query": "sofa"}, timeout=30).json()
+    default_k = requests.post(f"{app['url']}/search", json={"query": "sofa"}, timeout=30).json()
     assert default_k["k"] == ServeConfig().default_k and len(default_k["results"]) == default_k["k"]
 
 
@@ -122,12 +138,13 @@ def test_bad_requests_get_422_with_a_clear_message(service, method, payload, mes
     assert response.json()["detail"] == message
 
 
-def test_healthz_and_openapi_docs(service):
-    health = requests.get(f"{service['url']}/healthz", timeout=30).json()
+def test_healthz_and_openapi_docs(app):
+    health = requests.get(f"{app['url']}/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["products"] == 400 and health["shards"] == 2
+    assert health["colocated"] == app["url"].endswith("/colocated")
     assert health["thresholds"]["exact"] > health["thresholds"]["partial"]
-    assert requests.get(f"{service['url']}/docs", timeout=30).status_code == 200
-    spec = requests.get(f"{service['url']}/openapi.json", timeout=30).json()
+    assert requests.get(f"{app['url']}/docs", timeout=30).status_code == 200
+    spec = requests.get(f"{app['url']}/openapi.json", timeout=30).json()
     assert {"get", "post"} <= set(spec["paths"]["/search"])
 
 
@@ -219,7 +236,11 @@ def test_serve_configs_validate_and_point_at_the_app():
         app = schema.applications[0]
         assert app.import_path == "mr_ray.serve.app:build_app"
         ServeArgs.model_validate(app.args)
-        assert "autoscaling_config" in next(d for d in raw["applications"][0]["deployments"] if d["name"] == "QueryEncoder")
+        # Serve refuses settings for a deployment the app does not have; the autoscaled one does the encoding.
+        deployments = {d["name"]: d for d in raw["applications"][0]["deployments"]}
+        built = {"SearchIngress"} if app.args.get("colocate") else {"SearchIngress", "QueryEncoder", "ShardSearcher_0"}
+        assert set(deployments) <= built
+        assert "autoscaling_config" in deployments["SearchIngress" if app.args.get("colocate") else "QueryEncoder"]
     cluster_args = yaml.safe_load((REPO / "serve_configs" / "cluster.yaml").read_text())["applications"][0]["args"]
     assert cluster_args["encoder_num_gpus"] > 0 and cluster_args["encoder_device"] == "cuda"
 

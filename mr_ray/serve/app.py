@@ -4,6 +4,10 @@
                          \--(its vector)--> ShardSearcher_0 .. ShardSearcher_{n-1} (in parallel)
                          <-- merged top-k, each product with its predicted grade tier
 
+With `colocate: true` the ingress replica holds the encoder and every shard
+itself (same batching, no calls between replicas): on a small node each call
+between Serve replicas costs more CPU and latency than encoding a query.
+
 `build_app(args)` is the application builder named in `serve_configs/*.yaml`
 (`serve run serve_configs/local.yaml`); `serve_run(run_dir)` starts the same
 app on a run folder from Python or the CLI.
@@ -31,10 +35,11 @@ from typing_extensions import Annotated
 from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
-from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_hits, read_index_manifest
+from mr_ray.index.shards import Hits, ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest
 from mr_ray.index.thresholds import GradeThresholds
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.serve.api import SearchRequest, SearchResponse
+from mr_ray.serve.batching import WhileBusyBatcher
 
 logger = logging.getLogger("ray.serve")
 APP_NAME = "search"
@@ -104,19 +109,28 @@ async def readable_validation_error(request: Request, err: RequestValidationErro
 class SearchIngress:
     """Encodes the query once, fans out to every shard in parallel, merges the top-k.
 
-    Requests that arrive together are retrieved together: one encoder call and
-    one call per shard for the whole batch, not per request (each call between
-    replicas costs about as much CPU as encoding a short query).
+    Requests that queue while a retrieval runs are retrieved together in the
+    next one (WhileBusyBatcher): one encoder call and one call per shard per
+    batch, not per request, so under load the encoder works on batches (at
+    concurrency 32 on the dev box: 2-2.5x the single-process server's q/s).
+    `encoder` and `shards` are deployment handles, or None and [] when the
+    options colocate: then this replica loads the encoder and the shards of
+    `index_dir` itself.
     """
 
-    def __init__(self, encoder, shards: list, shard_names: list[str], thresholds: dict, info: dict, options: dict):
-        self.encoder = encoder
-        self.shards = shards
-        self.shard_names = shard_names
+    def __init__(self, index_dir: str, encoder, shards: list, thresholds: dict, info: dict, options: dict):
+        self.options = ServeConfig(**options)
+        manifest = read_index_manifest(index_dir)
+        self.shard_names = [shard["name"] for shard in manifest["shards"]]
+        self.encoder, self.shards = encoder, shards
+        self.model, self.local_shards = None, []
+        if self.options.colocate:
+            model_path = index_encoder_path(index_dir, manifest)
+            self.model = load_encoder(model_path, self.options.encoder_device, manifest["encoder"]["max_seq_length"])
+            self.local_shards = open_shards(index_dir)
         self.thresholds = GradeThresholds(**thresholds)
         self.info = info
-        self.options = ServeConfig(**options)
-        self.retrieve.set_max_batch_size(self.options.ingress_max_batch_size)
+        self.batcher = WhileBusyBatcher(self.retrieve, self.options.ingress_max_batch_size)
         # Exported with Serve's own Prometheus metrics (deployment, replica, app tags added by Serve).
         self.missing_shard_counter = metrics.Counter(
             "mr_ray_missing_shard_answers", description="searches answered without a shard", tag_keys=("shard",)
@@ -145,7 +159,7 @@ class SearchIngress:
             raise HTTPException(
                 422, f"query: {len(request.query)} characters is too long; at most {self.options.max_query_chars}"
             )
-        results, missing = await self.retrieve(request.query, k)
+        results, missing = await self.batcher((request.query, k))
         grades = self.thresholds.grade([row["score"] for row in results])
         products = [
             {**row, "grade": int(grade), "grade_name": GRADE_NAMES[Grade(int(grade))]}
@@ -154,17 +168,30 @@ class SearchIngress:
         ]
         for name, count in Counter(product["grade_name"] for product in products).items():
             self.results_counter.inc(count, tags={"grade": name})
-        return {"query": request.query, "k": k, "results": products, "missing_shards": missing, "shards": len(self.shards)}
+        return {"query": request.query, "k": k, "results": products, "missing_shards": missing, "shards": len(self.shard_names)}
 
-    @serve.batch(batch_wait_timeout_s=0.0)
-    async def retrieve(self, queries: list[str], ks: list[int]) -> list[tuple[list[dict], list[str]]]:
-        """Per request: its top-k rows merged over the shards that answered, and the names of those that did not."""
+    async def retrieve(self, requests: list[tuple[str, int]]) -> list[tuple[list[dict], list[str]]]:
+        """Per (query, k): its top-k rows merged over the shards that answered, and the names of those that did not."""
+        queries, ks = [query for query, _ in requests], [k for _, k in requests]
+        if self.model is not None:
+            # One worker thread (torch and FAISS release the GIL), so the next batch queues up meanwhile.
+            merged, missing = await asyncio.to_thread(self.search_here, queries, max(ks)), []
+        else:
+            merged, missing = await self.search_replicas(queries, max(ks))
+        return [(merged.rows(i)[:k_i], missing) for i, k_i in enumerate(ks)]
+
+    def search_here(self, queries: list[str], k: int) -> Hits:
+        """Colocated: encode and search every shard in this replica."""
+        vectors = encode(self.model, queries, len(queries))
+        return merge_hits([shard.search(vectors, k) for shard in self.local_shards], k)
+
+    async def search_replicas(self, queries: list[str], k: int) -> tuple[Hits, list[str]]:
+        """The QueryEncoder, then every ShardSearcher in parallel: the merged hits and the shards that did not answer."""
         try:
             vectors = await self.encoder.remote(queries)
         except (RayError, RayServeException) as err:
             logger.warning("query encoder failed: %r", err)
             raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
-        k = max(ks)
         answers = await asyncio.gather(*(self.search_shard(shard, vectors, k) for shard in range(len(self.shards))))
         missing = [name for name, hits in zip(self.shard_names, answers) if hits is None]
         for name in missing:
@@ -172,10 +199,9 @@ class SearchIngress:
         found = [hits for hits in answers if hits is not None]
         if not found:
             raise HTTPException(503, f"no shard answered ({', '.join(missing)}); retry shortly")
-        merged = merge_hits(found, k)
-        return [(merged.rows(i)[:k_i], missing) for i, k_i in enumerate(ks)]
+        return merge_hits(found, k), missing
 
-    async def search_shard(self, shard: int, vectors: np.ndarray, k: int):
+    async def search_shard(self, shard: int, vectors: np.ndarray, k: int) -> Hits | None:
         """A shard's hits, or None once every attempt failed (the responses then name the shard)."""
         for attempt in range(1 + self.options.shard_retries):
             try:
@@ -199,37 +225,45 @@ def build_app(args: dict):
         index_dir = PROJECT_ROOT / index_dir
     manifest = read_index_manifest(index_dir)
     thresholds = GradeThresholds.load(index_dir)
-    encoder = QueryEncoder.options(
-        ray_actor_options={"num_cpus": options.encoder_num_cpus, "num_gpus": options.encoder_num_gpus},
-        max_ongoing_requests=options.max_ongoing_requests,
-    ).bind(
-        index_encoder_path(index_dir, manifest),
-        options.encoder_device,
-        manifest["encoder"]["max_seq_length"],
-        options.encoder_max_batch_size,
-        options.encoder_batch_wait_timeout_s,
-    )
-    shards, names = [], []
-    for number, shard in enumerate(manifest["shards"]):
-        names.append(shard["name"])
-        shards.append(
+    info = {
+        "index_dir": str(index_dir),
+        "products": manifest["products"],
+        "factory": manifest["factory"],
+        "encoder": manifest["encoder"]["source"],
+        "shards": len(manifest["shards"]),
+        "colocated": options.colocate,
+    }
+    ingress_resources = {"num_cpus": options.ingress_num_cpus}
+    if options.colocate:
+        # The ingress replica does the encoder's and the shards' work: it takes their resources.
+        ingress_resources = {
+            "num_cpus": options.ingress_num_cpus + options.encoder_num_cpus + options.shard_num_cpus * len(manifest["shards"]),
+            "num_gpus": options.encoder_num_gpus,
+        }
+        encoder, shards = None, []
+    else:
+        encoder = QueryEncoder.options(
+            ray_actor_options={"num_cpus": options.encoder_num_cpus, "num_gpus": options.encoder_num_gpus},
+            max_ongoing_requests=options.max_ongoing_requests,
+        ).bind(
+            index_encoder_path(index_dir, manifest),
+            options.encoder_device,
+            manifest["encoder"]["max_seq_length"],
+            options.encoder_max_batch_size,
+            options.encoder_batch_wait_timeout_s,
+        )
+        shards = [
             ShardSearcher.options(
                 name=f"ShardSearcher_{number}",
                 num_replicas=options.shard_replicas,
                 ray_actor_options={"num_cpus": options.shard_num_cpus},
                 max_ongoing_requests=options.max_ongoing_requests,
             ).bind(str(index_dir / shard["path"]), manifest["search_params"])
-        )
-    info = {
-        "index_dir": str(index_dir),
-        "products": manifest["products"],
-        "factory": manifest["factory"],
-        "encoder": manifest["encoder"]["source"],
-        "shards": len(shards),
-    }
-    return SearchIngress.options(
-        ray_actor_options={"num_cpus": options.ingress_num_cpus}, max_ongoing_requests=options.max_ongoing_requests
-    ).bind(encoder, shards, names, thresholds.__dict__, info, options.model_dump(exclude={"index_dir"}))
+            for number, shard in enumerate(manifest["shards"])
+        ]
+    return SearchIngress.options(ray_actor_options=ingress_resources, max_ongoing_requests=options.max_ongoing_requests).bind(
+        str(index_dir), encoder, shards, thresholds.__dict__, info, options.model_dump(exclude={"index_dir"})
+    )
 
 
 def serve_run(
