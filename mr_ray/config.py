@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
@@ -157,6 +157,13 @@ class MineConfig(Strict):
         description="annotator=grades: grade of a mined product the source has not judged; None = drop the pair, "
         "0 = take it as irrelevant (classic ANN hard-negative mining, for data without an LLM judge)",
     )
+
+    @model_validator(mode="after")
+    def unjudged_grade_needs_grades_annotator(self) -> "MineConfig":
+        # The judge grades every pair it can parse; a pair it fails on must not become a silent negative.
+        if self.unjudged_grade is not None and self.annotator != "grades":
+            raise ValueError("unjudged_grade applies to annotator 'grades' only (the judge grades every mined pair)")
+        return self
 
 
 class CircleConfig(Strict):

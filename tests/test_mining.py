@@ -89,3 +89,11 @@ def test_annotate_can_take_unjudged_mined_products_as_irrelevant():
     out = annotate(mined, grades, unjudged_grade=0)
     assert list(zip(out["query_id"], out["product_id"], out["grade"])) == [("q1", "a", 2), ("q1", "b", 0), ("q2", "c", 1)]
     assert out["grade"].dtype == np.int8
+
+
+def test_unjudged_grade_is_refused_with_the_judge_annotator():
+    from mr_ray.config import ConfigError, load_config
+
+    assert load_config(None, {"mine.annotator": "grades", "mine.unjudged_grade": 0}).mine.unjudged_grade == 0
+    with pytest.raises(ConfigError, match="mine: Value error, unjudged_grade applies to annotator 'grades' only"):
+        load_config(None, {"mine.annotator": "judge", "mine.unjudged_grade": 0})

@@ -142,7 +142,7 @@ def mine_stage(ctx) -> dict:
         grades, failed = judge_grades(ctx, mined, queries, products)
     else:
         grades = read_frame(ctx.input("prepare"), config.grades_source)
-    annotated = annotate(mined, grades, config.unjudged_grade if config.annotator == "grades" else None)
+    annotated = annotate(mined, grades, config.unjudged_grade)
     folder = ctx.out / "mined"
     folder.mkdir()
     annotated.to_parquet(folder / "part-00000.parquet", index=False)
