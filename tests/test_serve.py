@@ -114,6 +114,41 @@ def test_post_min_grade_keeps_only_the_upper_tiers(app):
     assert default_k["k"] == ServeConfig().default_k and len(default_k["results"]) == default_k["k"]
 
 
+def retrieval_batch_buckets(application: str) -> dict[float, float]:
+    """The ingress's mr_ray_retrieval_batch_size histogram (cumulative count per upper bound), from Ray's Prometheus endpoint."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ray_mr_ray_retrieval_batch_size_bucket" and sample.labels.get("application") == application:
+                bound = float(sample.labels["le"])
+                buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def test_requests_that_queue_are_retrieved_together(app):
+    """64 searches from 16 threads: some retrievals take several requests at once (Serve's metric shows it)."""
+    application = "colocated" if app["url"].endswith("/colocated") else "search"
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(
+            lambda i: requests.get(f"{app['url']}/search", params={"query": QUERIES[i % len(QUERIES)], "k": 10}, timeout=60),
+            range(64),
+        ))
+    assert all(r.status_code == 200 for r in responses)
+    deadline = time.monotonic() + 60  # Ray exports metrics every few seconds
+    while True:
+        buckets = retrieval_batch_buckets(application)
+        batches, single = buckets.get(float("inf"), 0.0), buckets.get(1.0, 0.0)
+        if batches > single or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert batches > single, f"every retrieval held one request: {buckets}"
+
+
 @pytest.mark.parametrize(
     "method, payload, message",
     [

@@ -138,6 +138,9 @@ class SearchIngress:
         self.results_counter = metrics.Counter(
             "mr_ray_results_by_grade", description="returned products per predicted grade tier", tag_keys=("grade",)
         )
+        self.batch_histogram = metrics.Histogram(
+            "mr_ray_retrieval_batch_size", description="requests retrieved together", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -173,6 +176,7 @@ class SearchIngress:
     async def retrieve(self, requests: list[tuple[str, int]]) -> list[tuple[list[dict], list[str]]]:
         """Per (query, k): its top-k rows merged over the shards that answered, and the names of those that did not."""
         queries, ks = [query for query, _ in requests], [k for _, k in requests]
+        self.batch_histogram.observe(len(requests))
         if self.model is not None:
             # One worker thread (torch and FAISS release the GIL), so the next batch queues up meanwhile.
             merged, missing = await asyncio.to_thread(self.search_here, queries, max(ks)), []
