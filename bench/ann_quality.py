@@ -2,7 +2,7 @@
 
 On the Home Depot catalog (54,667 product titles) with the pretrained encoder:
 every choice is built per shard with the index stage's own code
-(`build_faiss_index`, `write_shard`, `ShardIndex`, `merge_hits`) and compared with one
+(`build_faiss_index`, `write_shard`, `ShardIndex`, `search_shards`) and compared with one
 exact inner-product index over the whole catalog, on the release's query texts.
 Printed per choice: recall@10, build time, batch throughput, one-query latency,
 size on disk. Skips (exit 0) when the data folder is absent.
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from mr_ray.config import EncoderConfig
 from mr_ray.index.build import build_faiss_index, shard_bounds, write_shard
-from mr_ray.index.shards import ShardIndex, merge_hits
+from mr_ray.index.shards import ShardIndex, search_shards
 from mr_ray.retriever.encoder import embed_dataset
 
 CHOICES = (
@@ -101,12 +101,12 @@ def main() -> None:
             size_mb = sum(f.stat().st_size for f in Path(tmp).rglob("index.faiss")) / 1e6
             shards = [ShardIndex(Path(tmp) / f"shard-{n}", params) for n in range(args.shards)]
             t = time.perf_counter()
-            found = merge_hits([s.search(queries, args.k) for s in shards], args.k)
+            found = search_shards(shards, queries, args.k)
             batch_qps = len(queries) / (time.perf_counter() - t)
             single = []
             for query in queries[:200]:
                 t = time.perf_counter()
-                merge_hits([s.search(query, args.k) for s in shards], args.k)
+                search_shards(shards, query, args.k)
                 single.append(time.perf_counter() - t)
         recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(found.product_ids.tolist(), truth_ids.tolist())])
         print(f"{factory:<24} {params or '-':<13} {recall:>9.4f} {build_s:>8.2f} {batch_qps:>10.0f} {np.median(single) * 1000:>10.3f} {size_mb:>7.1f}")

@@ -10,7 +10,7 @@ import os
 from fastapi import FastAPI
 from sentence_transformers import SentenceTransformer
 
-from mr_ray.index.shards import index_encoder_path, merge_hits, open_shards, read_index_manifest
+from mr_ray.index.shards import index_encoder_path, open_shards, read_index_manifest, search_shards
 from mr_ray.retriever.encoder import pretrained_model_path
 
 INDEX_DIR = os.environ["MR_RAY_INDEX_DIR"]
@@ -29,4 +29,4 @@ def healthz():
 @app.get("/search")
 def search(query: str, k: int = 10):
     vector = model.encode([query], normalize_embeddings=True, convert_to_numpy=True)
-    return {"query": query, "results": merge_hits([shard.search(vector, k) for shard in shards], k).rows(0)}
+    return {"query": query, "results": search_shards(shards, vector, k).rows(0)}

@@ -31,7 +31,7 @@ import numpy as np
 import requests
 
 from mr_ray.cluster import use_serve_environment
-from mr_ray.index.shards import index_encoder_path, merge_hits, open_shards, read_index_manifest
+from mr_ray.index.shards import index_encoder_path, open_shards, read_index_manifest, search_shards
 from mr_ray.retriever.encoder import encode, load_encoder
 
 LEVELS = (1, 8, 32)
@@ -65,7 +65,7 @@ def bench_bare(index_dir: Path, queries: list[str], k: int) -> dict:
     shards = open_shards(index_dir)
     def answer(query: str):
         vector = encode(model, [query])  # once per query, as every server does
-        return merge_hits([s.search(vector, k) for s in shards], k)
+        return search_shards(shards, vector, k)
 
     for query in queries[:10]:
         answer(query)

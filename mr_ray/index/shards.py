@@ -103,3 +103,8 @@ class ShardIndex:
 def open_shards(index_dir: str | Path) -> list[ShardIndex]:
     manifest = read_index_manifest(index_dir)
     return [ShardIndex(Path(index_dir) / shard["path"], manifest["search_params"]) for shard in manifest["shards"]]
+
+
+def search_shards(shards: list[ShardIndex], vectors: np.ndarray, k: int) -> Hits:
+    """The global top-k over shards held in this process: each shard's top-k, merged."""
+    return merge_hits([shard.search(vectors, k) for shard in shards], k)

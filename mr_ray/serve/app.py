@@ -35,7 +35,7 @@ from typing_extensions import Annotated
 from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
-from mr_ray.index.shards import Hits, ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest
+from mr_ray.index.shards import Hits, ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest, search_shards
 from mr_ray.index.thresholds import GradeThresholds
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.serve.api import SearchRequest, SearchResponse
@@ -187,7 +187,7 @@ class SearchIngress:
     def search_here(self, queries: list[str], k: int) -> Hits:
         """Colocated: encode and search every shard in this replica."""
         vectors = encode(self.model, queries, len(queries))
-        return merge_hits([shard.search(vectors, k) for shard in self.local_shards], k)
+        return search_shards(self.local_shards, vectors, k)
 
     async def search_replicas(self, queries: list[str], k: int) -> tuple[Hits, list[str]]:
         """The QueryEncoder, then every ShardSearcher in parallel: the merged hits and the shards that did not answer."""
