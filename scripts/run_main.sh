@@ -14,6 +14,8 @@ DASHBOARD_PORT="${MR_RAY_DASHBOARD_PORT:-8265}"
 GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
 export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
 export RAY_USAGE_STATS_ENABLED=0
+# Serve's environment (mr_ray/cluster.py) for the head, so `mr-ray serve` on a kept cluster serves as on its own.
+eval "$(python -c 'from mr_ray.cluster import SERVE_ENVIRONMENT as env; print(" ".join(f"export {k}={v};" for k, v in env.items()))')"
 
 mkdir -p "$(dirname "$RUN_DIR")"
 HEAD_PID=""

@@ -16,6 +16,7 @@ import pytest
 import requests
 import yaml
 
+from mr_ray.cluster import SERVE_ENVIRONMENT
 from mr_ray.config import ServeConfig, load_config
 from mr_ray.index.shards import open_shards
 from mr_ray.index.thresholds import GradeThresholds
@@ -262,6 +263,15 @@ def test_shard_that_cannot_come_back_is_reported_missing(service, exact):
     assert requests.get(f"{service['url']}/healthz", timeout=30).status_code == 200  # the service keeps serving
 
 
+def test_http_port_is_answered_by_haproxy(service):
+    """mr_ray.cluster's Serve environment is in force: HAProxy, not Serve's Python proxy actor, holds the port."""
+    import psutil
+
+    port = int(service["url"].rsplit(":", 1)[1])
+    listeners = [c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert [psutil.Process(pid).name() for pid in listeners] == ["haproxy"]
+
+
 def test_serve_configs_validate_and_point_at_the_app():
     from ray.serve.schema import ServeDeploySchema
 
@@ -292,6 +302,9 @@ def test_cluster_yaml_passes_ray_validation():
     assert types["gpu_worker"]["node_config"]["InstanceType"].startswith("g") and types["gpu_worker"]["max_workers"] > 0
     assert types["cpu_worker"]["max_workers"] > types["cpu_worker"]["min_workers"]
     assert any("pip install" in c and "mr-ray" in c for c in prepared["setup_commands"])
+    # Every node starts Ray with the Serve environment a local `mr-ray serve` cluster gets.
+    for command in (prepared["head_start_ray_commands"][-1], prepared["worker_start_ray_commands"][-1]):
+        assert all(f"{key}={value}" in command for key, value in SERVE_ENVIRONMENT.items()), command
     # The same validation rejects a broken copy, so passing it means something.
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["gpu_worker"]["max_wrokers"] = 4
