@@ -35,6 +35,7 @@ def train_mnrl(
     max_seq_length: int = 48,
     max_steps: int = -1,
     seed: int = 0,
+    bf16: bool = False,
 ) -> dict:
     """Train with SentenceTransformerTrainer + MNRL; save at out_dir/model; returns wall time and pairs/s."""
     from datasets import Dataset
@@ -56,6 +57,7 @@ def train_mnrl(
         report_to="none",
         logging_steps=50,
         use_cpu=True,
+        bf16=bf16,
         seed=seed,
         dataloader_drop_last=False,
     )

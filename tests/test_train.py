@@ -61,6 +61,33 @@ def test_ray_train_lowers_the_loss_saves_a_loadable_encoder_and_resumes(ray_loca
     assert len(runs) == 1 and len(runs[0].read_text().splitlines()) == 3
 
 
+def test_bf16_towers_train_with_fp32_weights_and_fp32_embeddings(tiny_examples, tmp_path):
+    """precision bf16: autocast forward, but the weights, the embeddings and the loss stay fp32, and the loss falls."""
+    import torch
+
+    from mr_ray.retriever.train import iter_frames, make_optimizer, run_epoch
+
+    config = Stage1Config(epochs=1, augment={"rate": 0.0}, precision="bf16", **TINY_TRAIN)
+    model = load_encoder(None, "cpu", config.max_seq_length)
+    towers, plain = TwoTower(model, "bf16"), TwoTower(model)
+    texts = ["cordless drill 20v", "red running shoes size 9", "black leather sofa"]
+    with torch.no_grad():
+        (q16, _), (q32, _) = towers(texts, texts[:1]), plain(texts, texts[:1])
+    assert q16.dtype == torch.float32 and torch.allclose(q16.norm(dim=-1), torch.ones(3))
+    assert (q16 * q32).sum(-1).min() > 0.99  # the same directions as fp32, to bf16's precision
+    assert not torch.equal(q16, q32)  # autocast did run
+
+    loss_before = fixed_batch_loss(None, tiny_examples, config)
+    optimizer, scheduler = make_optimizer(model, config, total_steps=6)
+    for epoch in range(3):
+        frames = iter_frames(tiny_examples, config.queries_per_batch, seed=epoch)
+        run_epoch(towers, frames, stage_loss(config), optimizer, scheduler, config.products_per_query, np.random.default_rng(epoch), torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.save(str(tmp_path / "model"))
+    loss_after = fixed_batch_loss(str(tmp_path / "model"), tiny_examples, config)
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+
+
 def test_pipeline_stages_and_a_tiny_tune_sweep_write_best_params(ray_local, tmp_path):
     from mr_ray.pipeline import run_pipeline
     from mr_ray.retriever.train import retriever_stages

@@ -78,7 +78,7 @@ def trial(params: dict, *, stage: str, config: dict, init_model: str, examples: 
     for epoch in range(epochs):
         frames = iter_frames(examples, train_config.queries_per_batch, seed=train_config.seed + epoch)
         rng = np.random.default_rng([train_config.seed, epoch])
-        metrics = run_epoch(TwoTower(model), frames, terms, optimizer, scheduler, train_config.products_per_query, rng, device)
+        metrics = run_epoch(TwoTower(model, train_config.precision), frames, terms, optimizer, scheduler, train_config.products_per_query, rng, device)
         score = dev_ndcg(model, dev["products"], dev["queries"], dev["truth"], run_config.encoder.batch_size)
         tune.report({OBJECTIVE: score, "epoch": epoch + 1, "loss": metrics["loss"]})
 

@@ -163,9 +163,10 @@ class TwoTower(torch.nn.Module):
     a step), and DDP still sees one forward per step.
     """
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, precision: str = "fp32"):
         super().__init__()
         self.encoder = encoder
+        self.precision = precision
 
     def forward(self, queries: list[str], products: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.encoder.parameters()).device
@@ -173,7 +174,10 @@ class TwoTower(torch.nn.Module):
 
     def _embed(self, texts: list[str], device) -> torch.Tensor:
         features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.encoder.preprocess(texts).items()}
-        return F.normalize(self.encoder(features)["sentence_embedding"], dim=-1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            embeddings = self.encoder(features)["sentence_embedding"]
+        # Normalised and scored in fp32: bf16 keeps ~3 significant digits, too coarse for similarities over a temperature.
+        return F.normalize(embeddings.float(), dim=-1)
 
 
 def run_epoch(towers, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler, products_per_query: int, rng, device) -> dict:
@@ -238,7 +242,7 @@ def train_loop_per_worker(loop: dict) -> None:
         start_epoch = state["epoch"] + 1
     else:
         model = load_encoder(loop["init_model"], str(device), config.max_seq_length)
-    towers = ray.train.torch.prepare_model(TwoTower(model))
+    towers = ray.train.torch.prepare_model(TwoTower(model, config.precision))
     steps_per_epoch = -(-loop["n_rows"] // (config.queries_per_batch * world))
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch * config.epochs)
     if state is not None:
