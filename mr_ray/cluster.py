@@ -18,7 +18,8 @@ import os
 # external balancer pointed at the replicas, while HAProxy here drops it within
 # about 0.1 s of the controller's update (the tests' teardown waited out the 30 s).
 # Every Serve process reads these when it starts, so they are set where a cluster
-# starts: here for a private local one, in cluster.yaml's `ray start` commands for a cluster.
+# starts: here for a private local one, in scripts/run_main.sh's head, in
+# cluster.yaml's `ray start` commands for a cluster.
 SERVE_ENVIRONMENT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",

@@ -69,7 +69,7 @@ def test_bf16_towers_train_with_fp32_weights_and_fp32_embeddings(tiny_examples, 
 
     config = Stage1Config(epochs=1, augment={"rate": 0.0}, precision="bf16", **TINY_TRAIN)
     model = load_encoder(None, "cpu", config.max_seq_length)
-    towers, plain = TwoTower(model, "bf16"), TwoTower(model)
+    towers, plain = TwoTower(model, config.precision), TwoTower(model)
     texts = ["cordless drill 20v", "red running shoes size 9", "black leather sofa"]
     with torch.no_grad():
         (q16, _), (q32, _) = towers(texts, texts[:1]), plain(texts, texts[:1])

@@ -112,7 +112,7 @@ class SearchIngress:
     Requests that queue while a retrieval runs are retrieved together in the
     next one (WhileBusyBatcher): one encoder call and one call per shard per
     batch, not per request, so under load the encoder works on batches (at
-    concurrency 32 on the dev box: about twice the single-process server's q/s).
+    concurrency 32 on the dev box: 2.1-2.9x the single-process server's q/s).
     `encoder` and `shards` are deployment handles, or None and [] when the
     options colocate: then this replica loads the encoder and the shards of
     `index_dir` itself.
