@@ -2,7 +2,8 @@
 Stage 1, Stage 2 and three ablations, on ../shared/data/homedepot.
 
 Train on `train` judgments (a seeded subset of the train queries on CPU:
---train-queries), tune nothing here (the pipeline defaults), report on `test`
+--train-queries N, or all of them: --train-queries all; --precision bf16 trains
+Stage 1 and 2 under bfloat16 autocast), tune nothing here (the pipeline defaults), report on `test`
 with full-catalog retrieval (all 54,667 products). Every system is evaluated
 on the clean test queries and on a typo'd copy of them (one seeded
 keyboard/typing error per query, mr_ray.data.augment.misspell).
@@ -47,8 +48,8 @@ SHARED_STAGES = {"no-mining": ("prepare", "stage1", "mine"), "stage2-supcon": ("
 COLUMNS = ["ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0"]
 
 
-def variant_config(data: Path, train_queries: int, variant: str):
-    """The Home Depot run config of a variant, subsampled for CPU."""
+def variant_config(data: Path, train_queries: int | None, variant: str, precision: str = "fp32"):
+    """The Home Depot run config of a variant, subsampled for CPU (train_queries None: all of them)."""
     from mr_ray.config import load_config
 
     return load_config(
@@ -58,6 +59,8 @@ def variant_config(data: Path, train_queries: int, variant: str):
             "stage1.max_train_queries": train_queries,
             "stage2.max_train_queries": train_queries,
             "mine.max_queries": train_queries,
+            "stage1.precision": precision,
+            "stage2.precision": precision,
             # No LLM judge run on this data here (CPU): mined pairs are re-annotated from the human judgments.
             "mine.annotator": "grades",
             "mine.grades_source": "judgments",
@@ -66,7 +69,7 @@ def variant_config(data: Path, train_queries: int, variant: str):
     )
 
 
-def run_variant(name: str, out: Path, data: Path, train_queries: int) -> Path:
+def run_variant(name: str, out: Path, data: Path, train_queries: int | None, precision: str) -> Path:
     """Run prepare/stage1/mine/stage2 for a variant, reusing the main run's unchanged stage outputs."""
     from mr_ray.pipeline import run_pipeline
     from mr_ray.retriever.train import retriever_stages
@@ -76,7 +79,7 @@ def run_variant(name: str, out: Path, data: Path, train_queries: int) -> Path:
     for shared in SHARED_STAGES.get(name, ()):
         if not (run_dir / shared).exists():
             os.symlink(out / "runs" / "main" / shared, run_dir / shared)
-    run_pipeline(variant_config(data, train_queries, name), run_dir, only=["prepare", "stage1", "mine", "stage2"], stages=retriever_stages(with_judge=False))
+    run_pipeline(variant_config(data, train_queries, name, precision), run_dir, only=["prepare", "stage1", "mine", "stage2"], stages=retriever_stages(with_judge=False))
     return run_dir
 
 
@@ -125,7 +128,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "hd-bench")
-    parser.add_argument("--train-queries", type=int, default=1500, help="seeded subset of the 7,978 train queries")
+    parser.add_argument("--train-queries", type=lambda v: None if v == "all" else int(v), default=1500,
+                        help="seeded subset of the 7,978 train queries, or 'all'")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="Stage 1 and Stage 2 (the st-mnrl peer keeps its fp32 recipe)")
     parser.add_argument("--systems", default="bm25,pretrained,stage1,stage2,st-mnrl,stage2-supcon,no-mining,no-augmentation")
     args = parser.parse_args()
     if not (args.data / "judgments.parquet").exists():
@@ -143,7 +148,7 @@ def main() -> None:
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     timings = results.pop("_timings", {})
     data = args.data.resolve()
-    config = variant_config(data, args.train_queries, "main")
+    config = variant_config(data, args.train_queries, "main", args.precision)
 
     def record(name: str, started: float, value: dict) -> None:
         results[name] = value
@@ -151,7 +156,7 @@ def main() -> None:
         results_file.write_text(json.dumps({**results, "_timings": timings}, indent=2))
         print(f"[bench] {name}: {json.dumps({s: {c: m.get(c) for c in COLUMNS} for s, m in value.items()})} ({timings[name]} s)", flush=True)
 
-    main_run = run_variant("main", out, data, args.train_queries)
+    main_run = run_variant("main", out, data, args.train_queries, args.precision)
     prepared = main_run / "prepare"
     products = read_frame(prepared, "products")
     test = eval_queries(prepared, config.evaluate)
@@ -183,13 +188,14 @@ def main() -> None:
             record(name, started, {**metrics, "training": trained})
         else:
             variant, stage = {"stage1": ("main", "stage1"), "stage2": ("main", "stage2")}.get(name, (name, "stage2"))
-            run_dir = run_variant(variant, out, data, args.train_queries)
+            run_dir = run_variant(variant, out, data, args.train_queries, args.precision)
             record(name, started, evaluate_model(str(run_dir / stage / "model"), products, query_sets, truth, pairs, config.evaluate, config.encoder))
 
     report = [
         "# Home Depot retrieval (test split, full catalog)",
         "",
-        f"Training: {args.train_queries} seeded train queries of 7,978 (human judgments), 1 epoch per stage; "
+        f"Training: {args.train_queries or 'all'} of the 7,978 train queries (human judgments, a seeded subset when fewer), "
+        f"1 epoch per stage, Stage 1 and 2 in {args.precision}; "
         "mined pairs re-annotated from the human judgments (no LLM judge on CPU here).",
         "",
         "## Clean test queries",
