@@ -2,11 +2,12 @@
 Stage 1, Stage 2 and three ablations, on ../shared/data/homedepot.
 
 Train on `train` judgments (a seeded subset of the train queries on CPU:
---train-queries N, or all of them: --train-queries all; --precision bf16 trains
-Stage 1 and 2 under bfloat16 autocast), tune nothing here (the pipeline defaults), report on `test`
-with full-catalog retrieval (all 54,667 products). Every system is evaluated
-on the clean test queries and on a typo'd copy of them (one seeded
-keyboard/typing error per query, mr_ray.data.augment.misspell).
+--train-queries N, or all of them: --train-queries all; --precision bf16
+trains Stage 1 and 2 under bfloat16 autocast), tune nothing here (the pipeline
+defaults), report on `test` with full-catalog retrieval (all 54,667
+products). Every system is evaluated on the clean test queries and on a typo'd
+copy of them (one seeded keyboard/typing error per query,
+mr_ray.data.augment.misspell).
 
 Rows:
 - bm25, pretrained;
@@ -48,7 +49,7 @@ SHARED_STAGES = {"no-mining": ("prepare", "stage1", "mine"), "stage2-supcon": ("
 COLUMNS = ["ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0"]
 
 
-def variant_config(data: Path, train_queries: int | None, variant: str, precision: str = "fp32"):
+def variant_config(data: Path, train_queries: int | None, variant: str, precision: str):
     """The Home Depot run config of a variant, subsampled for CPU (train_queries None: all of them)."""
     from mr_ray.config import load_config
 
@@ -81,6 +82,15 @@ def run_variant(name: str, out: Path, data: Path, train_queries: int | None, pre
             os.symlink(out / "runs" / "main" / shared, run_dir / shared)
     run_pipeline(variant_config(data, train_queries, name, precision), run_dir, only=["prepare", "stage1", "mine", "stage2"], stages=retriever_stages(with_judge=False))
     return run_dir
+
+
+def train_query_count(value: str) -> int | None:
+    """--train-queries: a positive count, or 'all' (None)."""
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of train queries or 'all', got {value!r}")
+    return int(value)
 
 
 def typo_queries(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -128,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "hd-bench")
-    parser.add_argument("--train-queries", type=lambda v: None if v == "all" else int(v), default=1500,
+    parser.add_argument("--train-queries", type=train_query_count, default=1500,
                         help="seeded subset of the 7,978 train queries, or 'all'")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="Stage 1 and Stage 2 (the st-mnrl peer keeps its fp32 recipe)")
     parser.add_argument("--systems", default="bm25,pretrained,stage1,stage2,st-mnrl,stage2-supcon,no-mining,no-augmentation")
