@@ -22,8 +22,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mr_ray.config import EncoderConfig
-from mr_ray.index.build import build_faiss_index, shard_bounds, write_shard
+from mr_ray.index.build import shard_bounds, write_shard
 from mr_ray.index.shards import ShardIndex, search_shards
+from mr_ray.retrieval import build_faiss_index
 from mr_ray.retriever.encoder import embed_dataset
 
 CHOICES = (
@@ -99,7 +100,7 @@ def main() -> None:
                 write_shard(Path(tmp) / f"shard-{number}", index, ids[start:stop].tolist(), titles[start:stop].tolist())
             build_s = time.perf_counter() - t
             size_mb = sum(f.stat().st_size for f in Path(tmp).rglob("index.faiss")) / 1e6
-            shards = [ShardIndex(Path(tmp) / f"shard-{n}", params) for n in range(args.shards)]
+            shards = [ShardIndex.open(Path(tmp) / f"shard-{n}", params) for n in range(args.shards)]
             t = time.perf_counter()
             found = search_shards(shards, queries, args.k)
             batch_qps = len(queries) / (time.perf_counter() - t)

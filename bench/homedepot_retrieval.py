@@ -17,7 +17,10 @@ Rows:
 - stage1, stage2: the pipeline's stages (prepare, stage1, mine, stage2);
 - ablations: no-augmentation (stage1 + mine + stage2 with augment.rate 0),
   no-mining (stage2 without mined samples), stage2-supcon (SupCon instead of
-  circle loss in stage 2).
+  circle loss in stage 2);
+- hybrids (`NAME+bm25` in --systems): an encoder fused with BM25, by
+  reciprocal rank (k = 60) and by the weighted fusion of cosine and normalised
+  BM25 whose weight is tuned on the dev queries (mr_ray.evaluate.hybrid_rows).
 
 Results are cached per system in <out>/results.json, so a rerun only does what
 is missing. Run:  OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/homedepot_retrieval.py --out runs/hd-bench
@@ -102,27 +105,56 @@ def typo_queries(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
 
 def evaluate_model(path: str | None, products, query_sets: dict, truth, pairs, config, encoder) -> dict:
     """Metrics of one encoder on each query set; the catalog is embedded once."""
-    from mr_ray.evaluate import evaluate_retrieval, pair_cosines, search, separation_metrics
-    from mr_ray.retriever.encoder import embed_dataset, encode, load_encoder
-    from mr_ray.retriever.encoder import in_blocks
+    from mr_ray.evaluate import evaluate_retrieval, separation_metrics
+    from mr_ray.retrieval import dense_search, embed_catalog, pair_scores
+    from mr_ray.retriever.encoder import encode, load_encoder
 
-    product_ids, product_vectors = embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", encoder, path)
+    product_ids, product_vectors = embed_catalog(products, encoder, path)
     model = load_encoder(path, encoder.device, encoder.max_seq_length)
     by_id = dict(zip(product_ids, product_vectors))
     out = {}
     for set_name, queries in query_sets.items():
         query_vectors = encode(model, queries["text"].tolist(), encoder.batch_size)
-        run = search(product_ids, product_vectors, queries["query_id"], query_vectors, config.recall_k)
+        run = dense_search(product_ids, product_vectors, queries["query_id"], query_vectors, config.recall_k)
         set_pairs = pairs.merge(queries[["query_id", "text"]], on="query_id")
-        cosines = pair_cosines(model, set_pairs, encoder.batch_size, by_id)
+        cosines = pair_scores(model, set_pairs, encoder.batch_size, by_id)
         out[set_name] = {**evaluate_retrieval(run, truth, config), **separation_metrics(set_pairs["grade"].to_numpy(), cosines)}
     return out
 
 
-def evaluate_bm25(products, query_sets: dict, truth, config) -> dict:
-    from mr_ray.evaluate import bm25_run, evaluate_retrieval
+def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, truth, pairs, prepared: Path, config, encoder) -> dict:
+    """An encoder's two hybrid rows with BM25 (mr_ray.evaluate.hybrid_rows: RRF k=60, and the weighted fusion tuned on dev)
+    on each query set: {system: {query set: metrics}}."""
+    from mr_ray.evaluate import hybrid_rows, tuning_queries
+    from mr_ray.index.fusion import normalise_lexical
+    from mr_ray.index.shards import ShardIndex
+    from mr_ray.retrieval import LexicalIndex, build_faiss_index, embed_catalog, pair_scores
+    from mr_ray.retriever.encoder import load_encoder
 
-    return {name: evaluate_retrieval(bm25_run(products, queries, config.recall_k), truth, config) for name, queries in query_sets.items()}
+    product_ids, product_vectors = embed_catalog(products, encoder, path)
+    by_id = dict(zip(product_ids, product_vectors))
+    lexical = LexicalIndex.build(products["title"].tolist())
+    shard = ShardIndex("catalog", build_faiss_index(np.stack([by_id[p] for p in products["product_id"]]), "Flat"),
+                       products["product_id"].tolist(), products["title"].tolist(), lexical)
+    model = load_encoder(path, encoder.device, encoder.max_seq_length)
+    tuning = tuning_queries(prepared, config)
+    row_of = pd.Series(np.arange(len(products)), index=products["product_id"])
+    out: dict[str, dict] = {}
+    for set_name, queries in query_sets.items():
+        set_pairs = pairs.merge(queries[["query_id", "text"]], on="query_id")
+        cosines = pair_scores(model, set_pairs, encoder.batch_size, by_id)
+        pair_lexical = normalise_lexical(*lexical.pair_scores(set_pairs["text"].tolist(), row_of[set_pairs["product_id"]].to_numpy()))
+        systems, _ = hybrid_rows(name, shard, model, queries, truth, tuning, set_pairs, cosines, pair_lexical, config, encoder, config.recall_k)
+        for system, metrics in systems.items():
+            out.setdefault(system, {})[set_name] = metrics
+    return out
+
+
+def evaluate_bm25(products, query_sets: dict, truth, config) -> dict:
+    from mr_ray.evaluate import evaluate_retrieval
+    from mr_ray.retrieval import lexical_search
+
+    return {name: evaluate_retrieval(lexical_search(products, queries, config.recall_k), truth, config) for name, queries in query_sets.items()}
 
 
 def table(results: dict, query_set: str) -> str:
@@ -141,7 +173,8 @@ def main() -> None:
     parser.add_argument("--train-queries", type=train_query_count, default=1500,
                         help="seeded subset of the 7,978 train queries, or 'all'")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="Stage 1 and Stage 2 (the st-mnrl peer keeps its fp32 recipe)")
-    parser.add_argument("--systems", default="bm25,pretrained,stage1,stage2,st-mnrl,stage2-supcon,no-mining,no-augmentation")
+    parser.add_argument("--systems", default="bm25,pretrained,stage1,stage2,st-mnrl,stage2-supcon,no-mining,no-augmentation,pretrained+bm25,st-mnrl+bm25,stage2+bm25",
+                        help="comma-separated; NAME+bm25 adds an encoder's hybrid rows (RRF, and weighted fusion tuned on dev)")
     args = parser.parse_args()
     if not (args.data / "judgments.parquet").exists():
         raise SystemExit(f"Home Depot data not found at {args.data}")
@@ -175,16 +208,28 @@ def main() -> None:
     truth = truth[truth["query_id"].isin(set(test["query_id"]))]
     pairs = judged_pairs(prepared, set(test["query_id"])).merge(products[["product_id", "title"]], on="product_id")
 
+    def model_path(name: str) -> str | None:
+        if name == "pretrained":
+            return None
+        if name == "st-mnrl":
+            return str(out / "st-mnrl" / "model")
+        variant, stage = {"stage1": ("main", "stage1"), "stage2": ("main", "stage2")}.get(name, (name, "stage2"))
+        return str(run_variant(variant, out, data, args.train_queries, args.precision) / stage / "model")
+
     for name in args.systems.split(","):
-        if name in results:
+        if name in results or f"{name} rrf" in results:
             continue
         started = time.perf_counter()
-        if name == "bm25":
+        if name.endswith("+bm25"):  # the encoder's hybrid rows; the encoder itself must have been trained (listed before)
+            encoder_name = name.removesuffix("+bm25")
+            for system, metrics in evaluate_hybrid(encoder_name, model_path(encoder_name), products, query_sets, truth, pairs, prepared, config.evaluate, config.encoder).items():
+                record(system, started, metrics)
+        elif name == "bm25":
             record(name, started, evaluate_bm25(products, query_sets, truth, config.evaluate))
         elif name == "pretrained":
             record(name, started, evaluate_model(None, products, query_sets, truth, pairs, config.evaluate, config.encoder))
         elif name == "st-mnrl":
-            from st_recipe import exact_pairs, train_mnrl
+            from mr_ray.retriever.st_baseline import exact_pairs, train_mnrl
 
             stats = out / "st-mnrl" / "training.json"  # a trained peer is reused when only its evaluation is missing
             if not stats.exists():
@@ -197,9 +242,7 @@ def main() -> None:
             metrics = evaluate_model(str(out / "st-mnrl" / "model"), products, query_sets, truth, pairs, config.evaluate, config.encoder)
             record(name, started, {**metrics, "training": trained})
         else:
-            variant, stage = {"stage1": ("main", "stage1"), "stage2": ("main", "stage2")}.get(name, (name, "stage2"))
-            run_dir = run_variant(variant, out, data, args.train_queries, args.precision)
-            record(name, started, evaluate_model(str(run_dir / stage / "model"), products, query_sets, truth, pairs, config.evaluate, config.encoder))
+            record(name, started, evaluate_model(model_path(name), products, query_sets, truth, pairs, config.evaluate, config.encoder))
 
     report = [
         "# Home Depot retrieval (test split, full catalog)",

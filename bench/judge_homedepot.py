@@ -1,13 +1,19 @@
-"""The judge on real human labels: Home Depot (../shared/data/homedepot), train on `train`, test on `test`.
+"""The judge on real human labels: Home Depot (../shared/data/homedepot), train on `train`, report on `--split`.
 
-Prints 3-class accuracy and within-one accuracy of
-- the majority-class baseline (most common train grade),
-- the zero-shot base judge (packaged SmolLM2-135M-Instruct, guideline prompt),
-- the judge fine-tuned with Ray Train on a class-balanced subsample of the train labels,
-each labeling the same seeded subsample of test pairs through Ray Data + vLLM.
-CPU sizes are small by default and printed; pass larger ones on a GPU cluster.
+Rows (each a `--rows` name):
+- `majority`: the most common train grade for every pair,
+- `zero_shot_llm`: the packaged SmolLM2-135M-Instruct with the guideline prompt, no fine-tune,
+- `finetuned_llm`: that causal LM fine-tuned with Ray Train on a class-balanced subsample (`--llm-train-examples`),
+- `cross_encoder`: the MiniLM cross-encoder fine-tuned with Ray Train on every train judgment (soft targets from
+  rating_mean, class-weighted unless `--no-class-weights`).
+Judges label through Ray Data + vLLM (`mr_ray.labeler.label.label_pairs`); the causal-LM rows label a seeded
+subsample of the split's pairs (`--llm-eval-pairs`, CPU cost), the cross-encoder and majority rows all of them, or
+a seeded `--eval-pairs` subsample (their numbers on the causal rows' subsample are printed too). Columns: accuracy, within-one, macro-F1, recall per
+grade, RMSE of the expected rating (1 + sum_g g p_g) against rating_mean, AUC(2 over 1), AUC(1 over 0), train
+seconds, labeling pairs/s (end to end, vLLM engine start included). Results are kept per row in `--work-dir`.
 
-    python bench/judge_homedepot.py --train-examples 960 --test-pairs 400
+    python bench/judge_homedepot.py --rows majority,cross_encoder --split dev
+    python bench/judge_homedepot.py --rows majority,zero_shot_llm,finetuned_llm,cross_encoder --split test
 """
 
 from __future__ import annotations
@@ -22,29 +28,49 @@ import numpy as np
 import pandas as pd
 
 from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
-from mr_ray.labeler.finetune import balanced_subsample, finetune_judge, training_examples
+from mr_ray.labeler.finetune import balanced_subsample
+from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.label import label_pairs
-from mr_ray.labeler.model import base_model_folder
-from mr_ray.labeler.prompt import within_one_accuracy
+from mr_ray.labeler.report import judge_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "homedepot"
+ROWS = ("majority", "zero_shot_llm", "finetuned_llm", "cross_encoder")
 
 
-def scores(predicted: np.ndarray, truth: np.ndarray) -> dict:
-    return {"accuracy": float((predicted == truth).mean()), "within_one": within_one_accuracy(predicted, truth)}
+def label(model: Path, pairs: pd.DataFrame, queries, products, engine, shard_dir: Path) -> tuple[np.ndarray, float]:
+    """Per-grade probabilities of `pairs` in order, and labeling pairs/s (end to end)."""
+    started = time.perf_counter()
+    judged, bad = label_pairs(pairs, queries, products, model, engine, shard_dir, shard_rows=512, log=lambda *_: None)
+    seconds = time.perf_counter() - started
+    aligned = pairs[["query_id", "product_id"]].merge(judged, on=["query_id", "product_id"], how="left")
+    if aligned["p0"].isna().any():
+        raise RuntimeError(f"{model}: {int(aligned['p0'].isna().sum())} pairs were not judged, e.g. {bad.head(3).to_dict('records')}")
+    return aligned[["p0", "p1", "p2"]].to_numpy(dtype=float), len(pairs) / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--train-examples", type=int, default=960, help="class-balanced subsample of train labels")
-    parser.add_argument("--test-pairs", type=int, default=400, help="seeded subsample of test pairs")
-    parser.add_argument("--train-layers", type=int, default=4, help="top blocks trained; 0 = full fine-tune")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {ROWS}")
+    parser.add_argument("--split", choices=["dev", "test"], default="test")
+    parser.add_argument("--eval-pairs", type=int, default=None, help="seeded subsample of the split's pairs for every row; default all")
+    parser.add_argument("--llm-eval-pairs", type=int, default=400, help="seeded subsample of the split's pairs for the causal-LM rows")
+    parser.add_argument("--llm-train-examples", type=int, default=960, help="class-balanced subsample of train labels (causal LM)")
+    parser.add_argument("--llm-train-layers", type=int, default=4)
+    parser.add_argument("--ce-epochs", type=int, default=1)
+    parser.add_argument("--ce-learning-rate", type=float, default=5e-5)
+    parser.add_argument("--ce-max-seq-length", type=int, default=48)
+    parser.add_argument("--ce-train-examples", type=int, default=None, help="seeded subsample of train judgments; default all")
+    parser.add_argument("--ce-model", type=Path, default=None, help="evaluate this cross-encoder folder instead of training one")
+    parser.add_argument("--no-class-weights", action="store_true")
+    parser.add_argument("--no-soft-targets", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "mr-ray-judge-homedepot")
     args = parser.parse_args()
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"--rows: unknown row(s) {unknown}; choose from {ROWS}")
     if not (args.data / "judgments.parquet").exists():
         raise SystemExit(f"Home Depot data not found at {args.data}")
 
@@ -53,50 +79,77 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     products = pd.read_parquet(args.data / "products.parquet")
     queries = pd.read_parquet(args.data / "queries.parquet")
-    judgments = pd.read_parquet(args.data / "judgments.parquet")
-    split = judgments.merge(queries[["query_id", "split"]], on="query_id")
-    train, test = split[split["split"] == "train"], split[split["split"] == "test"]
-    test = test.sample(n=min(args.test_pairs, len(test)), random_state=args.seed).reset_index(drop=True)
-    truth = test["grade"].to_numpy().astype(int)
+    judgments = pd.read_parquet(args.data / "judgments.parquet").merge(queries[["query_id", "split"]], on="query_id")
+    train = judgments[judgments["split"] == "train"].reset_index(drop=True)
+    evaluated = judgments[judgments["split"] == args.split].reset_index(drop=True)
+    if args.eval_pairs is not None and args.eval_pairs < len(evaluated):
+        evaluated = evaluated.sample(n=args.eval_pairs, random_state=args.seed + 1).reset_index(drop=True)
+    llm_pairs = evaluated.sample(n=min(args.llm_eval_pairs, len(evaluated)), random_state=args.seed).reset_index(drop=True)
     engine = JudgeEngineConfig()
-    base = base_model_folder(None, args.work_dir)
-    results, timings = {}, {}
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
 
-    majority = int(train["grade"].mode()[0])
-    results["majority class"] = scores(np.full(len(truth), majority), truth)
+    def record(name: str, frame: pd.DataFrame, probabilities: np.ndarray, **extra) -> None:
+        results[name] = {**judge_metrics(frame["grade"], probabilities, frame["rating_mean"]), **extra}
+        (args.work_dir / f"result-{args.split}-{name}.json").write_text(json.dumps(results[name], default=str))
 
-    def judge(model: Path, name: str) -> None:
+    if "majority" in rows:
+        majority = int(train["grade"].mode()[0])
+        record("majority", evaluated, np.eye(3)[np.full(len(evaluated), majority)], train_s=0.0)
+        record("majority@llm_pairs", llm_pairs, np.eye(3)[np.full(len(llm_pairs), majority)])
+
+    llm = judge_of_kind("causal_lm")
+    if "zero_shot_llm" in rows:
+        base = llm.base_model(None, args.work_dir)
+        probabilities, rate = label(base, llm_pairs, queries, products, engine, args.work_dir / f"shards-zero-{args.split}-{len(llm_pairs)}")
+        record("zero_shot_llm", llm_pairs, probabilities, train_s=0.0, pairs_per_s=rate)
+
+    if "finetuned_llm" in rows:
+        cfg = JudgeFinetuneConfig(max_examples=args.llm_train_examples, train_layers=args.llm_train_layers or None, seed=args.seed, checkpoint_every=20)
+        examples = balanced_subsample(llm.examples(train, queries, products, cfg), cfg.max_examples, cfg.seed)
+        tag = f"llm-{args.llm_train_examples}-{args.llm_train_layers}-{args.seed}"
         started = time.perf_counter()
-        judged, bad = label_pairs(test, queries, products, model, engine, args.work_dir / f"shards-{name}-{args.seed}-{len(test)}", log=lambda *_: None)
-        timings[name] = round(time.perf_counter() - started, 1)
-        aligned = test[["query_id", "product_id"]].merge(judged, on=["query_id", "product_id"], how="left")
-        if aligned["grade"].isna().any():
-            raise RuntimeError(f"{name}: {int(aligned['grade'].isna().sum())} test pairs were not judged: {bad.head()}")
-        results[name] = scores(aligned["grade"].to_numpy().astype(int), truth)
-        results[name]["predicted_counts"] = np.bincount(aligned["grade"].astype(int), minlength=3).tolist()
+        training = llm.finetune(examples, llm.base_model(None, args.work_dir), cfg, args.work_dir / f"train-{tag}", args.work_dir / f"judge-{tag}")
+        train_s = time.perf_counter() - started
+        probabilities, rate = label(args.work_dir / f"judge-{tag}", llm_pairs, queries, products, engine, args.work_dir / f"shards-{tag}-{args.split}")
+        record("finetuned_llm", llm_pairs, probabilities, train_s=train_s, pairs_per_s=rate, train_examples=len(examples), steps=training["steps"])
 
-    judge(base, "zero-shot base")
+    if "cross_encoder" in rows:
+        ce = judge_of_kind("cross_encoder")
+        cfg = JudgeFinetuneConfig(
+            max_examples=None, train_layers=None, epochs=args.ce_epochs, batch_size=32, learning_rate=args.ce_learning_rate,
+            max_seq_length=args.ce_max_seq_length, class_weighted=not args.no_class_weights, soft_targets=not args.no_soft_targets,
+            seed=args.seed, checkpoint_every=100,
+        )
+        examples = ce.examples(train, queries, products, cfg)
+        if args.ce_train_examples is not None:
+            examples = examples.sample(n=min(args.ce_train_examples, len(examples)), random_state=args.seed)
+        examples = examples.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
+        tag = (f"ce-{len(examples)}-{cfg.epochs}-{cfg.learning_rate}-{cfg.max_seq_length}-"
+               f"{'w' if cfg.class_weighted else 'u'}{'s' if cfg.soft_targets else 'h'}-{args.seed}")
+        model = args.ce_model or args.work_dir / f"judge-{tag}"
+        started = time.perf_counter()
+        if not (model / "config.json").exists():
+            ce.finetune(examples, ce.base_model(None, args.work_dir), cfg, args.work_dir / f"train-{tag}", model)
+        train_s = None if args.ce_model else time.perf_counter() - started
+        probabilities, rate = label(model, evaluated, queries, products, engine, args.work_dir / f"shards-{tag}-{args.split}")
+        record("cross_encoder", evaluated, probabilities, train_s=train_s, pairs_per_s=rate, train_examples=len(examples), model=str(model))
+        on_llm_pairs = llm_pairs[["query_id", "product_id"]].merge(evaluated.assign(row=np.arange(len(evaluated))), on=["query_id", "product_id"])["row"]
+        record("cross_encoder@llm_pairs", llm_pairs, probabilities[on_llm_pairs.to_numpy()])
 
-    cfg = JudgeFinetuneConfig(
-        max_examples=args.train_examples, train_layers=args.train_layers or None, epochs=args.epochs,
-        learning_rate=args.learning_rate, seed=args.seed, checkpoint_every=20, max_holdout=None,
-    )
-    examples = balanced_subsample(training_examples(train, queries, products), cfg.max_examples, cfg.seed)
-    tag = f"{args.train_examples}-{args.train_layers}-{args.epochs}-{args.learning_rate}-{args.seed}"
-    started = time.perf_counter()
-    training = finetune_judge(examples, base, cfg, args.work_dir / f"train-{tag}", args.work_dir / f"judge-{tag}")
-    timings["fine-tune"] = round(time.perf_counter() - started, 1)
-    judge(args.work_dir / f"judge-{tag}", "fine-tuned")
+    def fmt(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
 
-    print(f"Home Depot judge, test pairs {len(test)} (seeded subsample of {int((split['split'] == 'test').sum())}),")
-    print(f"fine-tuned on {len(examples)} class-balanced train labels (of {len(train)}), grade counts {training['train_grade_counts']},")
-    print(f"top {args.train_layers or 'all'} blocks trained, {training['steps']} steps, final loss {training['final_loss']:.3f}")
-    print(f"test grade counts {np.bincount(truth, minlength=3).tolist()}")
-    print(f"{'judge':<16} {'accuracy':>9} {'within-one':>11}")
-    for name, row in results.items():
-        print(f"{name:<16} {row['accuracy']:9.3f} {row['within_one']:11.3f}   {row.get('predicted_counts', '')}")
-    print("paper bar (fine-tuned, ESCI-like data): 0.876 accuracy, 0.988 within-one")
-    print(json.dumps({"results": results, "timings_s": timings, "training": training}, default=str))
+    total = int((judgments["split"] == args.split).sum())
+    print(f"Home Depot judge, split {args.split}: {len(evaluated)} of {total} pairs (causal-LM rows: seeded {len(llm_pairs)}); train judgments {len(train)}")
+    print("| judge | pairs | accuracy | within-one | macro-F1 | recall 0/1/2 | RMSE | AUC(2>1) | AUC(1>0) | train s | pairs/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        recall = "/".join(fmt(r["recall"][g], 2) for g in (0, 1, 2))
+        print(f"| {name} | {r['pairs']} | {fmt(r['accuracy'])} | {fmt(r['within_one'])} | {fmt(r['macro_f1'])} | {recall} | "
+              f"{fmt(r.get('rmse_expected_rating'))} | {fmt(r['auc_2_over_1'])} | {fmt(r['auc_1_over_0'])} | "
+              f"{fmt(r.get('train_s'), 0)} | {fmt(r.get('pairs_per_s'), 1)} |")
+    print(json.dumps(results, default=str))
     ray.shutdown()
 
 

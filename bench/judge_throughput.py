@@ -1,8 +1,10 @@
 """Judge labeling throughput: Ray Data + vLLM (`ray.data.llm`) against plain transformers batched forward passes.
 
-Same model (the packaged SmolLM2-135M-Instruct, dequantized), same
-guideline-prefixed prompts (pool pairs of the embedded sample catalog), same
-machine, one run. Printed as pairs per second and a ratio.
+For each judge kind (`--kinds`), the same model, the same pairs (pool pairs of
+the embedded sample catalog), same machine, one run; printed as pairs per
+second and a ratio.
+
+Causal LM (the packaged SmolLM2-135M-Instruct, dequantized), guideline-prefixed prompts:
 
 - vLLM: `mr_ray.labeler.label.label_pairs`, wall time end to end, *including*
   the engine start (conservative for vLLM).
@@ -12,7 +14,12 @@ machine, one run. Printed as pairs per second and a ratio.
 - transformers + prefix reuse (for reference): our `PrefixScorer`, the
   guideline computed once per batch and shared through the KV cache.
 
-    python bench/judge_throughput.py --pairs 512
+Cross-encoder (MiniLM-L6 with a 3-label head; `--cross-encoder` a fine-tuned folder, else a seeded fresh head:
+the weights do not change the cost), the (query, product text) pair at the judge's sequence length:
+- vLLM: `label_pairs` through the pooling runner (classify), engine start included;
+- transformers (the peer): `cross_encoder.probabilities_transformers`, padded batches, model load included (as vLLM's engine start is).
+
+    python bench/judge_throughput.py --pairs 512 --cross-encoder-pairs 2048
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 
 from mr_ray.config import JudgeEngineConfig, SampleConfig
 from mr_ray.data.sample import generate_sample
+from mr_ray.labeler import cross_encoder
 from mr_ray.labeler.finetune import PrefixScorer
 from mr_ray.labeler.label import label_pairs, pair_texts, render_prompts
 from mr_ray.labeler.model import base_model_folder
@@ -43,19 +51,71 @@ def transformers_plain(model, tokenizer, prompts: list[str], batch_size: int) ->
     return np.concatenate(out)
 
 
+def cross_encoder_folder(args) -> Path:
+    """The cross-encoder to time: `--cross-encoder`, or MiniLM with a seeded 3-label head saved once."""
+    from transformers import AutoTokenizer
+
+    if args.cross_encoder is not None:
+        return args.cross_encoder
+    folder = args.work_dir / f"cross-encoder-{args.max_seq_length}"
+    if not (folder / "config.json").exists():
+        base = cross_encoder.base_model_folder(None)
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
+        tokenizer.model_max_length = args.max_seq_length
+        cross_encoder.load_classifier(base, seed=0).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def bench_cross_encoder(args, sample) -> None:
+    model_path = cross_encoder_folder(args)
+    pairs = sample["pool"].head(args.cross_encoder_pairs)
+    strings, _ = cross_encoder.pair_strings(pair_texts(pairs, sample["queries"], sample["products"]))
+    shard_dir = args.work_dir / f"throughput-ce-shards-{time.time_ns()}"
+    started = time.perf_counter()
+    judged, bad = label_pairs(pairs, sample["queries"], sample["products"], model_path, JudgeEngineConfig(), shard_dir, shard_rows=512, log=lambda *_: None)
+    vllm_s = time.perf_counter() - started
+    assert len(judged) == len(strings) and bad.empty
+    started = time.perf_counter()
+    reference = cross_encoder.probabilities_transformers(model_path, strings, batch_size=args.cross_encoder_batch_size)
+    plain_s = time.perf_counter() - started
+    aligned = strings[["query_id", "product_id"]].merge(judged, on=["query_id", "product_id"], how="left")
+    rate = {"vllm": len(strings) / vllm_s, "plain": len(strings) / plain_s}
+    print(f"cross-encoder {model_path.name}: {len(strings)} pairs, max {args.max_seq_length} tokens")
+    print(f"Ray Data + vLLM classify (incl. engine start): {rate['vllm']:7.2f} pairs/s ({vllm_s:.1f} s)")
+    print(f"transformers batched forward (peer):           {rate['plain']:7.2f} pairs/s ({plain_s:.1f} s, batch {args.cross_encoder_batch_size}, incl. model load)")
+    print(f"max |p vLLM - p transformers|: {np.abs(aligned[['p0', 'p1', 'p2']].to_numpy() - reference).max():.2e}")
+    print(f"RATIO cross-encoder vLLM / transformers = {rate['vllm'] / rate['plain']:.2f}x (target >= 1.0)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=16, help="transformers batch size")
+    parser.add_argument("--kinds", default="causal_lm,cross_encoder")
+    parser.add_argument("--pairs", type=int, default=512, help="causal LM pairs")
+    parser.add_argument("--batch-size", type=int, default=16, help="causal LM transformers batch size")
+    parser.add_argument("--cross-encoder", type=Path, default=None, help="a fine-tuned cross-encoder folder")
+    parser.add_argument("--cross-encoder-pairs", type=int, default=2048)
+    parser.add_argument("--cross-encoder-batch-size", type=int, default=64)
+    parser.add_argument("--max-seq-length", type=int, default=64, help="cross-encoder pair tokens (when no --cross-encoder)")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "mr-ray-bench")
     args = parser.parse_args()
 
     import ray
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    model_path = base_model_folder(None, args.work_dir)
     sample = generate_sample(SampleConfig())
+    kinds = args.kinds.split(",")
+    if "causal_lm" in kinds:
+        bench_causal_lm(args, sample)
+    if "cross_encoder" in kinds:
+        bench_cross_encoder(args, sample)
+    ray.shutdown()
+
+
+def bench_causal_lm(args, sample) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_path = base_model_folder(None, args.work_dir)
     pairs = sample["pool"].head(args.pairs)
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     frame = chat_frame(tokenizer)
@@ -91,7 +151,6 @@ def main() -> None:
     print(f"transformers + shared-prefix KV:      {rate['prefix']:7.2f} pairs/s ({prefix_s:.1f} s)")
     print(f"grade agreement vLLM vs transformers: {agree:.3f}")
     print(f"RATIO vLLM / transformers = {rate['vllm'] / rate['plain']:.2f}x (target >= 3x)")
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@
         (bench/plain_server.py under uvicorn) over the same index.
 
 The Serve app runs in both layouts: colocated (encoder and shards inside the
-ingress replica) and replicas (a QueryEncoder and a ShardSearcher per shard).
-Each system answers the same queries at concurrency 1, 8 and 32 over loopback
-HTTP (a fixed number of requests per level); printed: p50/p99 latency,
-throughput, and the ratios. Targets (issue 5): Serve p50 within 5 ms of bare at
-concurrency 1; Serve throughput at concurrency 32 >= plain.
+ingress replica) and replicas (a QueryEncoder and a ShardSearcher per shard),
+each asked for dense and for hybrid retrieval (every shard answers both halves
+of a query in one call; the ingress fuses). Each system answers the same
+queries at concurrency 1, 8 and 32 over loopback HTTP (a fixed number of
+requests per level); printed: p50/p99 latency, throughput, and the ratios.
+Targets (issues 5 and 18): Serve p50, dense and hybrid, within 5 ms of the bare
+dense compute at concurrency 1; Serve throughput at concurrency 32 >= plain.
 
     python bench/serve_latency.py --index-dir runs/sample/index
 """
@@ -77,14 +79,15 @@ def bench_bare(index_dir: Path, queries: list[str], k: int) -> dict:
     return summary(latencies, time.perf_counter() - started)
 
 
-async def load_test(url: str, queries: list[str], concurrency: int, n_requests: int, k: int) -> dict:
+async def load_test(url: str, queries: list[str], concurrency: int, n_requests: int, k: int, retrieval: str | None) -> dict:
     latencies: list[float] = []
     cursor = iter(range(n_requests))
 
     async def worker(session):
         for i in cursor:
             t = time.perf_counter()
-            async with session.get(f"{url}/search", params={"query": queries[i % len(queries)], "k": k}) as response:
+            params = {"query": queries[i % len(queries)], "k": k, **({"retrieval": retrieval} if retrieval else {})}
+            async with session.get(f"{url}/search", params=params) as response:
                 await response.read()
                 if response.status != 200:
                     raise RuntimeError(f"{url}: HTTP {response.status} for {queries[i % len(queries)]!r}")
@@ -100,8 +103,8 @@ async def load_test(url: str, queries: list[str], concurrency: int, n_requests: 
         return summary(latencies, time.perf_counter() - started)
 
 
-def bench_http(url: str, queries: list[str], k: int, requests_per_level: int) -> dict[int, dict]:
-    return {c: asyncio.run(load_test(url, queries, c, max(requests_per_level, 4 * c), k)) for c in LEVELS}
+def bench_http(url: str, queries: list[str], k: int, requests_per_level: int, retrieval: str | None = None) -> dict[int, dict]:
+    return {c: asyncio.run(load_test(url, queries, c, max(requests_per_level, 4 * c), k, retrieval)) for c in LEVELS}
 
 
 def wait_healthy(url: str, timeout_s: float = 300) -> None:
@@ -110,13 +113,14 @@ def wait_healthy(url: str, timeout_s: float = 300) -> None:
         try:
             if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy to answer in time
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} did not become healthy in {timeout_s} s")
 
 
-def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level: int, colocate: bool) -> dict[int, dict]:
+def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level: int, colocate: bool) -> dict[str, dict[int, dict]]:
+    """Per retrieval (dense, hybrid), the results per concurrency level."""
     import ray
     from ray import serve
 
@@ -130,7 +134,7 @@ def bench_serve(index_dir: Path, queries: list[str], k: int, requests_per_level:
         serve.run(build_app({"index_dir": str(index_dir), "colocate": colocate}), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        return bench_http(url, queries, k, requests_per_level)
+        return {retrieval: bench_http(url, queries, k, requests_per_level, retrieval) for retrieval in ("dense", "hybrid")}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -174,17 +178,18 @@ def main() -> None:
     layouts = {"colocated": True, "replicas": False}
     served = {layout: bench_serve(index_dir, queries, args.k, args.requests, colocate) for layout, colocate in layouts.items()}
 
-    print(f"\nbare compute (in process, sequential): p50 {bare['p50_ms']:.2f} ms  p99 {bare['p99_ms']:.2f} ms  {bare['rps']:.1f} q/s")
-    for layout, results in served.items():
-        print(f"\nServe, {layout} (colocate: {str(layouts[layout]).lower()})")
-        print(f"{'conc':>4} | {'serve p50':>9} {'p99':>8} {'q/s':>7} | {'plain p50':>9} {'p99':>8} {'q/s':>7} | {'serve/plain q/s':>15} {'serve/plain p50':>15}")
-        for c in LEVELS:
-            s, p = results[c], plain[c]
-            print(f"{c:>4} | {s['p50_ms']:>9.2f} {s['p99_ms']:>8.2f} {s['rps']:>7.1f} | {p['p50_ms']:>9.2f} {p['p99_ms']:>8.2f} {p['rps']:>7.1f} | "
-                  f"{s['rps'] / p['rps']:>15.2f} {s['p50_ms'] / p['p50_ms']:>15.2f}")
-        print(f"concurrency 1: serve p50 - bare p50 = {results[1]['p50_ms'] - bare['p50_ms']:+.2f} ms "
-              f"(x{results[1]['p50_ms'] / bare['p50_ms']:.2f}); plain p50 - bare p50 = {plain[1]['p50_ms'] - bare['p50_ms']:+.2f} ms")
-        print(f"concurrency 32: serve throughput / plain = {results[32]['rps'] / plain[32]['rps']:.2f}")
+    print(f"\nbare dense compute (in process, sequential): p50 {bare['p50_ms']:.2f} ms  p99 {bare['p99_ms']:.2f} ms  {bare['rps']:.1f} q/s")
+    for layout, by_retrieval in served.items():
+        for retrieval, results in by_retrieval.items():
+            print(f"\nServe, {layout} (colocate: {str(layouts[layout]).lower()}), {retrieval} retrieval")
+            print(f"{'conc':>4} | {'serve p50':>9} {'p99':>8} {'q/s':>7} | {'plain p50':>9} {'p99':>8} {'q/s':>7} | {'serve/plain q/s':>15} {'serve/plain p50':>15}")
+            for c in LEVELS:
+                s, p = results[c], plain[c]
+                print(f"{c:>4} | {s['p50_ms']:>9.2f} {s['p99_ms']:>8.2f} {s['rps']:>7.1f} | {p['p50_ms']:>9.2f} {p['p99_ms']:>8.2f} {p['rps']:>7.1f} | "
+                      f"{s['rps'] / p['rps']:>15.2f} {s['p50_ms'] / p['p50_ms']:>15.2f}")
+            print(f"concurrency 1: serve p50 - bare dense p50 = {results[1]['p50_ms'] - bare['p50_ms']:+.2f} ms "
+                  f"(x{results[1]['p50_ms'] / bare['p50_ms']:.2f}); plain p50 - bare p50 = {plain[1]['p50_ms'] - bare['p50_ms']:+.2f} ms")
+            print(f"concurrency 32: serve throughput / plain = {results[32]['rps'] / plain[32]['rps']:.2f}")
 
 
 if __name__ == "__main__":

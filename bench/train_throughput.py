@@ -9,7 +9,7 @@ Throughput is (query, product) training pairs per second of the training loop
 `--precision bf16` runs both in bfloat16 autocast (ours: `precision: bf16`; the
 peer: the Trainer's `bf16=True`).
 
-Run:  .venv/bin/python bench/train_throughput.py   (needs the `datasets` package for the peer)
+Run:  .venv/bin/python bench/train_throughput.py
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
 
     import ray
 
-    from st_recipe import exact_pairs, train_mnrl
+    from mr_ray.retriever.st_baseline import exact_pairs, train_mnrl
 
     from mr_ray.config import SampleConfig, Stage1Config
     from mr_ray.data.sample import generate_sample

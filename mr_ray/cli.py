@@ -1,20 +1,59 @@
-"""The `mr-ray` command line: run the pipeline or one stage, import data."""
+"""The `mr-ray` command line: run the pipeline or one stage, import data.
+
+Bad input (a data file, a config, an output folder that would lose something)
+is one `error: ...` line on stderr and exit status 2; a traceback means a bug,
+and `mr-ray --debug ...` shows it for bad input too.
+"""
 
 from __future__ import annotations
 
-import shutil
-import uuid
+import json
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from mr_ray.cluster import init_ray
-from mr_ray.config import load_config
+from mr_ray.config import ConfigError, load_config
+from mr_ray.outputs import OutputRefused
+from mr_ray.pipeline import RunFolderError
+from mr_ray.schema import DataError
 
-app = typer.Typer(help="Mine and Refine on Ray: graded-relevance search embeddings.", no_args_is_help=True)
+BAD_INPUT = (DataError, ConfigError, OutputRefused, RunFolderError)
+BAD_INPUT_EXIT = 2  # as for a bad option: the user can fix it
+
+
+def error_line(err: Exception) -> str:
+    """Bad input as the one line the user sees."""
+    return f"error: {' '.join(str(err).split())}"
+
+
+class BadInputReportingGroup(TyperGroup):
+    """Runs a command; bad input becomes one error line and exit 2 instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BAD_INPUT as err:
+            if ctx.params.get("debug"):
+                raise
+            typer.echo(error_line(err), err=True)
+            raise typer.Exit(BAD_INPUT_EXIT) from None
+
+
+app = typer.Typer(help="Mine and Refine on Ray: graded-relevance search embeddings.", no_args_is_help=True, cls=BadInputReportingGroup)
 data_app = typer.Typer(help="Data import.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+judge_app = typer.Typer(help="The relevance judge.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="show the traceback of bad input too")):
+    """Mine and Refine on Ray: graded-relevance search embeddings."""
+    # `debug` is read by BadInputReportingGroup from the parsed parameters.
 
 
 @app.command()
@@ -48,28 +87,30 @@ def stage(
     run_pipeline(cfg, run_dir, only=[name], force=force)
 
 
+IMPORT_KIND = "data-import"
+
+
 @data_app.command("import")
 def import_data(
     source: str = typer.Option(..., help="canonical | homedepot | esci | wands | sample"),
     path: Optional[str] = typer.Option(None, help="file, folder or URI of the source"),
     out: Path = typer.Option(..., help="output folder for canonical Parquet tables"),
 ):
-    """Import a dataset into the canonical Parquet layout (validated; nothing partial is written)."""
-    from mr_ray.config import DataConfig
+    """Import a dataset into the canonical Parquet layout (validated; nothing partial is written).
+
+    --out must be new, empty, or a previous `data import` output (which is replaced)."""
+    from mr_ray.config import DataConfig, validated
     from mr_ray.data.importers import check_references
     from mr_ray.data.prepare import load_source, write_tables
+    from mr_ray.outputs import MANIFEST, placed_output
 
-    cfg = DataConfig(source=source, path=path)
-    tables = load_source(cfg)
-    check_references(tables, path or source)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    cfg = validated(DataConfig, {"source": source, "path": path}, "invalid options")
+    with placed_output(out, IMPORT_KIND, cfg.paths().values()) as tmp:
+        tables = load_source(cfg)
+        check_references(tables, path or source)
         counts = write_tables(tables, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = {"kind": IMPORT_KIND, "source": source, "path": path, "rows": counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -89,6 +130,9 @@ def serve_cmd(
     serve_run(run_dir, cfg.serve, host=host, port=port, blocking=True)
 
 
+EVALUATE_KIND = "evaluate-report"
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     prepared: Path = typer.Option(..., help="a prepare output (or `mr-ray data import`) folder"),
@@ -98,10 +142,11 @@ def evaluate_cmd(
     config: Optional[Path] = typer.Option(None, help="run config YAML for encoder/evaluate settings"),
     address: Optional[str] = typer.Option(None),
 ):
-    """Evaluate BM25, the pretrained encoder and any given encoders on a prepared dataset."""
-    import json
+    """Evaluate BM25, the pretrained encoder and any given encoders on a prepared dataset.
 
+    --out must be new, empty, or a previous `evaluate` output (which is replaced)."""
     from mr_ray.evaluate import evaluate_systems, render_report
+    from mr_ray.outputs import MANIFEST, placed_output
     from mr_ray.retriever.encoder import pretrained_model_path
 
     cfg = load_config(config, overrides={"evaluate.split": split})
@@ -109,13 +154,43 @@ def evaluate_cmd(
     for item in model:
         name, _, folder = item.partition("=")
         models[name] = folder
-    init_ray(address)
-    out.mkdir(parents=True, exist_ok=True)
-    result = evaluate_systems(prepared, models, cfg.evaluate, cfg.encoder, out / "similarity_hist.png")
-    (out / "report.json").write_text(json.dumps(result, indent=2))
-    report = render_report(result, f"mr-ray evaluation: {prepared}")
-    (out / "report.md").write_text(report + "\n![similarity histograms](similarity_hist.png)\n")
+    with placed_output(out, EVALUATE_KIND, [prepared, *models.values()]) as tmp:
+        init_ray(address)
+        result = evaluate_systems(prepared, models, cfg.evaluate, cfg.encoder, tmp / "similarity_hist.png")
+        (tmp / "report.json").write_text(json.dumps(result, indent=2))
+        report = render_report(result, f"mr-ray evaluation: {prepared}")
+        (tmp / "report.md").write_text(report + "\n![similarity histograms](similarity_hist.png)\n")
+        (tmp / MANIFEST).write_text(json.dumps({"kind": EVALUATE_KIND, "prepared": str(prepared), "models": models}, indent=2))
     typer.echo(report)
+
+
+@judge_app.command("eval")
+def judge_eval(
+    config: Optional[Path] = typer.Option(None, help="run config YAML (its judge.engine section)"),
+    run_dir: Path = typer.Option(Path("runs/sample"), help="a run with prepare/ and judge_finetune/ outputs"),
+    split: str = typer.Option("test", help="train | dev | test: whose queries' human-judged pairs are labelled"),
+    model: Optional[Path] = typer.Option(None, help="judge folder (default: the run's judge_finetune/model)"),
+    prepared: Optional[Path] = typer.Option(None, help="prepared data folder (default: the run's prepare/)"),
+    max_pairs: Optional[int] = typer.Option(None, min=1, help="label a seeded subsample of the pairs"),
+    address: Optional[str] = typer.Option(None),
+):
+    """Label a split's human-judged pairs with the judge (Ray Data + vLLM); print the confusion matrix and metrics."""
+    from mr_ray.labeler.report import evaluate_judge, metrics_text
+
+    if split not in ("train", "dev", "test"):
+        raise ConfigError(f"--split: {split!r} is not one of train, dev, test")
+    cfg = load_config(config)
+    model = model or run_dir / "judge_finetune" / "model"
+    prepared = prepared or run_dir / "prepare"
+    if not (model / "config.json").is_file():
+        raise DataError("not a judge model folder (no config.json); run the judge_finetune stage or pass --model", file=str(model))
+    init_ray(address)
+    result = evaluate_judge(model, prepared, split, cfg.judge.engine, run_dir / "cache" / f"judge-eval-{split}", max_pairs, log=lambda *_: None)
+    typer.echo(f"judge {model} on {split}: human labels" + (f" ({result['unjudged']} pairs could not be judged)" if result["unjudged"] else ""))
+    typer.echo(metrics_text(result["human"]))
+    if "gold" in result:
+        typer.echo(f"\nagainst gold (the human labels agree with gold on {result['gold']['human_accuracy']:.4f}):")
+        typer.echo(metrics_text(result["gold"]))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Run configuration: pydantic models loaded from YAML.
 
-Unknown keys and wrong types are errors that name the offending key, so a typo
-in a config never silently falls back to a default.
+Unknown keys, repeated keys and wrong types are errors that name the offending
+key, so a typo in a config never silently falls back to a default; a data
+source without its path, or with a local path that does not exist, is refused
+here too, before Ray starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Literal
+from collections.abc import Hashable
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +44,24 @@ class DataConfig(Strict):
     files: dict[str, str] = Field(default_factory=dict, description="generic source: per table, file path or URI")
     sample: SampleConfig = SampleConfig()
 
+    def paths(self) -> dict[str, str]:
+        """Every file, folder or URI the source reads, by the config key that gives it."""
+        if self.source == "generic":
+            return {f"data.files.{table}": path for table, path in self.files.items()}
+        return {"data.path": self.path} if self.source != "sample" and self.path is not None else {}
+
+    @model_validator(mode="after")
+    def source_has_its_data(self) -> "DataConfig":
+        if self.source == "generic" and not self.files:
+            raise ValueError("source 'generic' needs data.files (table name -> path)")
+        if self.source not in ("sample", "generic") and self.path is None:
+            raise ValueError(f"source {self.source!r} needs data.path")
+        for key, path in self.paths().items():
+            # URIs are checked when read (their filesystem may need credentials); local paths now.
+            if "://" not in path and not os.path.exists(path):
+                raise ValueError(f"{key} {path} does not exist (relative paths start at {os.getcwd()})")
+        return self
+
 
 class EncoderConfig(Strict):
     model: str | None = Field(None, description="sentence-transformers folder; None = the packaged all-MiniLM-L6-v2")
@@ -53,11 +75,18 @@ class EncoderConfig(Strict):
 class EvaluateConfig(Strict):
     split: Literal["train", "dev", "test"] = "test"
     max_queries: int | None = Field(None, ge=1, description="evaluate on a seeded subset of the split's queries")
-    baselines: list[Literal["bm25", "pretrained"]] = ["bm25", "pretrained"]
+    baselines: list[Literal["bm25", "pretrained", "st-mnrl"]] = Field(
+        ["bm25", "pretrained", "st-mnrl"],
+        description="st-mnrl: sentence-transformers' trainer with MultipleNegativesRankingLoss on the train queries' exact human labels, "
+        "trained by the evaluate stage (mr_ray.retriever.st_baseline)",
+    )
     ndcg_k: int = Field(10, ge=1)
     recall_k: int = Field(100, ge=1)
     precision_k: int = Field(10, ge=1)
     seed: int = 0
+    hybrid: bool = Field(
+        True, description="each encoder also gets its hybrid rows with BM25: reciprocal-rank fusion, and the weighted fusion tuned on dev"
+    )
 
 
 class IndexConfig(Strict):
@@ -97,6 +126,9 @@ class ServeConfig(Strict):
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     max_query_chars: int = Field(256, ge=1)
+    retrieval: Literal["dense", "lexical", "hybrid"] = Field(
+        "hybrid", description="default retrieval of a search (a request may choose its own): FAISS, BM25, or their weighted fusion"
+    )
 
 
 class AugmentConfig(Strict):
@@ -135,7 +167,7 @@ class Stage1Config(TrainLoopConfig):
     temperature: float = Field(0.05, gt=0.0, le=1.0)
     partial_weight: float = Field(0.3, ge=0.0, lt=1.0, description="weight of grade-1 positives; 0 = not positives")
     augment: AugmentConfig = AugmentConfig()
-    judgment_sources: list[str] = Field(
+    judgment_sources: list[Literal["llm", "audited", "synthetic", "human"]] = Field(
         ["llm", "audited", "synthetic", "human"],
         description="judgment sources to train on; for the same pair a later source wins (human over audited over llm)",
     )
@@ -220,7 +252,10 @@ class JudgeEngineConfig(Strict):
 
 
 class JudgeFinetuneConfig(Strict):
-    """Ray Train fine-tune of the judge on human labels (class-balanced, checkpointed)."""
+    """Ray Train fine-tune of the judge on human labels (class-balanced, checkpointed).
+
+    The defaults here are the causal LM's; with `judge.kind: cross_encoder` every field the
+    config leaves unset takes CROSS_ENCODER_FINETUNE's value instead."""
 
     max_examples: int | None = Field(480, ge=10, description="seeded class-balanced subsample of the training labels; None = all")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="human labels held out (by query) for evaluation")
@@ -230,6 +265,9 @@ class JudgeFinetuneConfig(Strict):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3e-4, gt=0.0, description="top blocks only on CPU: 1e-4 did not move the loss in 30 steps, 5e-4 overfits 6 pairs in 5")
     weight_decay: float = Field(0.0, ge=0.0)
+    class_weighted: bool = Field(True, description="weight each pair's loss by its grade's inverse frequency")
+    soft_targets: bool = Field(True, description="cross-encoder: train towards the mean rating's grade split where judgments carry rating_mean")
+    max_seq_length: int = Field(64, ge=16, le=512, description="cross-encoder: tokens of the (query, product) text pair; labeling truncates the same")
     checkpoint_every: int = Field(10, ge=1, description="steps between Ray Train checkpoints")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -258,7 +296,9 @@ class AuditRulesConfig(Strict):
 
 class AuditConfig(Strict):
     rules: AuditRulesConfig = AuditRulesConfig()
-    rejudge_model: str | None = Field(None, description="a stronger judge's folder; None = the fine-tuned judge")
+    rejudge_model: str | None = Field(
+        None, description="a stronger judge's folder, of either kind (a sequence classifier is a cross-encoder); None = the fine-tuned judge"
+    )
     prompt_variants: int = Field(3, ge=1, description="guideline/field variants whose probabilities are averaged")
     use_engagement_evidence: bool = Field(
         True, description="multiply the re-judge's probabilities by the engagement likelihood per grade (rates fit on human labels)"
@@ -275,18 +315,42 @@ class SynthesizeConfig(Strict):
     min_words: int = Field(2, ge=1)
     max_words: int = Field(8, ge=1)
     min_confidence: float = Field(0.5, ge=0.0, le=1.0, description="keep pairs the judge grades with at least this confidence")
+    writer: str | None = Field(
+        "packaged", description="causal LM that writes the queries: 'packaged' = SmolLM2-135M-Instruct, or a folder / .gguf; null = no synthetic queries"
+    )
     seed: int = 0
 
 
-class JudgeConfig(Strict):
-    """The LLM judge: base model, fine-tune, batch labeling, engagement audit, synthetic queries."""
+# A full fine-tune of the small encoder on every train label fits a CPU budget (MiniLM-L6: ~50 pairs/s on 2 cores).
+CROSS_ENCODER_FINETUNE = {"max_examples": None, "train_layers": None, "batch_size": 32, "learning_rate": 5e-5, "epochs": 2, "checkpoint_every": 50}
 
-    model: str | None = Field(None, description="causal LM folder or .gguf; None = the packaged SmolLM2-135M-Instruct GGUF")
+
+class JudgeConfig(Strict):
+    """The judge: kind, base model, fine-tune, batch labeling, engagement audit, synthetic queries."""
+
+    kind: Literal["cross_encoder", "causal_lm"] = Field(
+        "cross_encoder",
+        description="cross_encoder: 3-label classifier over the (query, product) pair (learns on CPU); causal_lm: guideline prompt, next-token grade (GPUs)",
+    )
+    model: str | None = Field(
+        None, description="base model folder (or .gguf for causal_lm); None = packaged all-MiniLM-L6-v2 (cross_encoder) or SmolLM2-135M-Instruct GGUF (causal_lm)"
+    )
     engine: JudgeEngineConfig = JudgeEngineConfig()
     finetune: JudgeFinetuneConfig = JudgeFinetuneConfig()
     label: LabelConfig = LabelConfig()
     audit: AuditConfig = AuditConfig()
     synthesize: SynthesizeConfig = SynthesizeConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def cross_encoder_finetune_defaults(cls, data):
+        """Fine-tune fields the config leaves unset take the cross-encoder's values when that is the judge."""
+        if not isinstance(data, dict) or data.get("kind", "cross_encoder") != "cross_encoder":
+            return data
+        finetune = data.get("finetune") or {}
+        if isinstance(finetune, JudgeFinetuneConfig):
+            finetune = finetune.model_dump(include=finetune.model_fields_set)
+        return {**data, "finetune": {**CROSS_ENCODER_FINETUNE, **finetune}}
 
 
 class RunConfig(Strict):
@@ -307,15 +371,54 @@ class ConfigError(ValueError):
     pass
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` keys are YAML's own overriding, done by the base loader
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # the base loader refuses it with its own message
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not valid UTF-8 (byte {data[err.start]:#04x}); save the config as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:
+        # One line: what went wrong and where (PyYAML's own message spans several lines).
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{path}: {where}{' '.join(problem.split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults) and validate it."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from None
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -324,11 +427,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    return validated(RunConfig, raw, f"{path or 'config'}: invalid config")
+
+
+def validated(model: type[M], raw: dict, where: str) -> M:
+    """`model` from `raw`, or one ConfigError line naming every offending key."""
     try:
-        return RunConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{path or 'config'}: invalid config\n  " + "\n  ".join(lines)) from None
+        problems = [": ".join(part for part in (".".join(str(p) for p in e["loc"]), e["msg"]) if part) for e in err.errors()]
+        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
 
 
 def section_hash(section: BaseModel | dict | list | None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 from ranx import Qrels, Run, evaluate
@@ -23,9 +22,12 @@ from sklearn.metrics import roc_auc_score
 
 from mr_ray.config import EncoderConfig, EvaluateConfig
 from mr_ray.data.prepare import read_table
+from mr_ray.labeler.report import judge_report
+from mr_ray.report_page import render_report_html
+from mr_ray.retrieval import LexicalIndex, RunDict, build_faiss_index, dense_search, embed_catalog, lexical_search, pair_scores
 from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
 
-RunDict = dict[str, dict[str, float]]
+PER_QUERY_NDCG = "ndcg_per_query"  # evaluate_retrieval's {query_id: NDCG} (ranx), for the per-query tables
 
 
 def qrels_dict(judgments: pd.DataFrame, min_grade: int = 1) -> dict[str, dict[str, int]]:
@@ -49,13 +51,11 @@ def evaluate_retrieval(run: RunDict, judgments: pd.DataFrame, config: EvaluateCo
         query_ids = [q for q in qrels if q in run]
         if not query_ids:
             raise ValueError(f"no query of the run has {name} judgments to evaluate against")
-        scores = evaluate(
-            Qrels({q: qrels[q] for q in query_ids}),
-            Run({q: run[q] if run[q] else {"__none__": 0.0} for q in query_ids}),
-            metrics,
-            make_comparable=True,
-        )
+        ranx_run = Run({q: run[q] if run[q] else {"__none__": 0.0} for q in query_ids})
+        scores = evaluate(Qrels({q: qrels[q] for q in query_ids}), ranx_run, metrics, make_comparable=True)
         scores = scores if isinstance(scores, dict) else {metrics[0]: scores}
+        if name == "graded":
+            per_query = {str(q): float(v) for q, v in ranx_run.scores[metrics[0]].items()}
         results.update({metric: float(value) for metric, value in scores.items()})
         results[f"n_queries_{name}"] = len(query_ids)
     return {
@@ -63,55 +63,8 @@ def evaluate_retrieval(run: RunDict, judgments: pd.DataFrame, config: EvaluateCo
         f"recall@{config.recall_k}_exact": results[f"recall@{config.recall_k}"],
         f"precision@{config.precision_k}_exact": results[f"precision@{config.precision_k}"],
         "n_queries": results["n_queries_graded"],
+        PER_QUERY_NDCG: per_query,
     }
-
-
-def bm25_run(products: pd.DataFrame, queries: pd.DataFrame, k: int) -> RunDict:
-    """BM25 (bm25s, English stopwords) over product titles."""
-    import bm25s
-    from bm25s.tokenization import Tokenizer
-
-    tokenizer = Tokenizer(stopwords="en")
-    corpus = tokenizer.tokenize(products["title"].tolist(), return_as="tuple", show_progress=False)
-    retriever = bm25s.BM25()
-    retriever.index(corpus, show_progress=False)
-    tokens = tokenizer.tokenize(queries["text"].tolist(), update_vocab=False, return_as="tuple", show_progress=False)
-    indices, scores = retriever.retrieve(tokens, k=min(k, len(products)), show_progress=False, n_threads=0)
-    product_ids = products["product_id"].to_numpy()
-    return {
-        str(qid): {str(product_ids[i]): float(s) for i, s in zip(row_i, row_s) if s > 0}
-        for qid, row_i, row_s in zip(queries["query_id"], indices, scores)
-    }
-
-
-def embed_catalog(model_path: str | None, products: pd.DataFrame, config: EncoderConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Product ids and embeddings of the whole catalog, through Ray Data actors."""
-    from mr_ray.retriever.encoder import embed_dataset, in_blocks
-
-    return embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", config, model_path)
-
-
-def search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids, query_vectors: np.ndarray, k: int) -> RunDict:
-    """Exact inner-product top-k with FAISS (cosine: vectors are normalised)."""
-    index = faiss.IndexFlatIP(product_vectors.shape[1])
-    index.add(product_vectors)
-    scores, rows = index.search(query_vectors, min(k, len(product_ids)))
-    return {
-        str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}
-        for qid, row_r, row_s in zip(query_ids, rows, scores)
-    }
-
-
-def pair_cosines(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """Cosine of each (query text, product title) pair."""
-    query_texts = pairs["text"].drop_duplicates().tolist()
-    query_vectors = dict(zip(query_texts, encode(model, query_texts, batch_size)))
-    if product_vectors is None:
-        titles = pairs[["product_id", "title"]].drop_duplicates("product_id")
-        product_vectors = dict(zip(titles["product_id"], encode(model, titles["title"].tolist(), batch_size)))
-    q = np.stack([query_vectors[t] for t in pairs["text"]])
-    p = np.stack([product_vectors[i] for i in pairs["product_id"]])
-    return (q * p).sum(axis=1)
 
 
 def separation_metrics(grades: np.ndarray, cosines: np.ndarray) -> dict:
@@ -159,8 +112,66 @@ def eval_queries(prepared: Path, config: EvaluateConfig) -> pd.DataFrame:
     return chosen.reset_index(drop=True)
 
 
+def tuning_queries(prepared: Path, config: EvaluateConfig) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """The dev queries (and their truth) the hybrid rows' fusion weight is tuned on; None without dev judgments."""
+    dev = config.model_copy(update={"split": "dev"})
+    try:
+        queries = eval_queries(prepared, dev)
+    except ValueError:
+        return None
+    truth = truth_table(prepared)
+    truth = truth[truth["query_id"].isin(set(queries["query_id"]))]
+    return (queries, truth) if not truth.empty else None
+
+
+def hybrid_rows(name: str, shard, model, queries: pd.DataFrame, truth: pd.DataFrame, tuning, pairs: pd.DataFrame, cosines: np.ndarray, pair_lexical: np.ndarray, config: EvaluateConfig, encoder: EncoderConfig, k: int) -> tuple[dict, dict]:
+    """An encoder's two hybrid rows with BM25: reciprocal-rank fusion (k=60) of the two top-k lists, and
+    the weighted fusion of cosine and normalised BM25 with its weight tuned on dev (its grade separation too)."""
+    from mr_ray.index.fusion import weighted_fusion
+    from mr_ray.index.shards import search_shards_both
+    from mr_ray.index.thresholds import choose_fusion_weight
+
+    texts = queries["text"].tolist()
+    candidates = search_shards_both([shard], encode(model, texts, encoder.batch_size), texts, k)
+    runs = {f"{name}+bm25 rrf": {str(q): dict(c.rrf(k)) for q, c in zip(queries["query_id"], candidates)}}
+    systems = {f"{name}+bm25 rrf": evaluate_retrieval(runs[f"{name}+bm25 rrf"], truth, config)}
+    if tuning is not None:
+        dev_queries, dev_truth = tuning
+        dev_texts = dev_queries["text"].tolist()
+        dev_candidates = search_shards_both([shard], encode(model, dev_texts, encoder.batch_size), dev_texts, k)
+        weight, _ = choose_fusion_weight(dict(zip(dev_queries["query_id"].astype(str), dev_candidates)), dev_truth)
+        hybrid = f"{name}+bm25 weighted"
+        runs[hybrid] = {str(q): {r["product_id"]: r["score"] for r in c.ranked("hybrid", weight, k)} for q, c in zip(queries["query_id"], candidates)}
+        fused = weighted_fusion(cosines, pair_lexical, weight)
+        systems[hybrid] = {**evaluate_retrieval(runs[hybrid], truth, config), **separation_metrics(pairs["grade"].to_numpy(), fused), "fusion_weight": weight}
+    return systems, runs
+
+
+def query_changes(before: str, after: str, runs: dict[str, RunDict], truth: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame, config: EvaluateConfig, n: int = 10, top: int = 5) -> dict:
+    """The `n` queries whose NDCG gained most and lost most from system `before` to `after`, with both top lists and grades."""
+    ndcg_before, ndcg_after = (evaluate_retrieval(runs[system], truth, config)[PER_QUERY_NDCG] for system in (before, after))
+    delta = sorted(((ndcg_after[q] - ndcg_before[q], q) for q in ndcg_before if q in ndcg_after), key=lambda item: (item[0], item[1]))
+    grades = {(str(q), str(p)): int(g) for q, p, g in zip(truth["query_id"], truth["product_id"], truth["grade"])}
+    titles = dict(zip(products["product_id"].astype(str), products["title"]))
+    texts = dict(zip(queries["query_id"].astype(str), queries["text"]))
+
+    def top_list(system: str, query: str) -> list[dict]:
+        ranked = sorted(runs[system][query].items(), key=lambda item: -item[1])[:top]
+        return [{"title": titles.get(p, p), "grade": grades.get((query, p), 0), "score": round(s, 4)} for p, s in ranked]
+
+    def entry(change: float, query: str) -> dict:
+        return {"query": texts.get(query, query), "ndcg_before": ndcg_before[query], "ndcg_after": ndcg_after[query], "change": change,
+                "before": top_list(before, query), "after": top_list(after, query)}
+
+    return {"before": before, "after": after, "gained": [entry(d, q) for d, q in reversed(delta[-n:]) if d > 0], "lost": [entry(d, q) for d, q in delta[:n] if d < 0]}
+
+
 def evaluate_systems(prepared: Path, models: dict[str, str | None], config: EvaluateConfig, encoder: EncoderConfig, plot_path: Path | None = None) -> dict:
-    """Metrics of BM25 (if asked) and of every encoder in `models` (name -> folder; None = pretrained)."""
+    """Metrics of BM25 (if asked) and of every encoder in `models` (name -> folder; None = pretrained), each
+    encoder with its hybrid rows (config.hybrid), and the queries the last encoder changed most."""
+    from mr_ray.index.fusion import normalise_lexical
+    from mr_ray.index.shards import ShardIndex
+
     products = read_table(prepared, "products").to_pandas()
     queries = eval_queries(prepared, config)
     truth = truth_table(prepared)
@@ -169,21 +180,41 @@ def evaluate_systems(prepared: Path, models: dict[str, str | None], config: Eval
     pairs = pairs.merge(queries[["query_id", "text"]], on="query_id").merge(products[["product_id", "title"]], on="product_id")
     k = max(config.ndcg_k, config.recall_k, config.precision_k)
     systems: dict[str, dict] = {}
+    runs: dict[str, RunDict] = {}
+    lexical = LexicalIndex.build(products["title"].tolist())  # row i = products row i
     if "bm25" in config.baselines:
-        systems["bm25"] = evaluate_retrieval(bm25_run(products, queries, k), truth, config)
+        runs["bm25"] = lexical_search(products, queries, k)
+        systems["bm25"] = evaluate_retrieval(runs["bm25"], truth, config)
+    if config.hybrid:
+        row_of = pd.Series(np.arange(len(products)), index=products["product_id"])
+        pair_lexical = normalise_lexical(*lexical.pair_scores(pairs["text"].tolist(), row_of[pairs["product_id"]].to_numpy()))
+        tuning = tuning_queries(prepared, config)
     cosines_by_system = {}
     for name, path in models.items():
-        product_ids, product_vectors = embed_catalog(path, products, encoder)
+        product_ids, product_vectors = embed_catalog(products, encoder, path)
         model = load_encoder(path, encoder.device, encoder.max_seq_length)
         query_vectors = encode(model, queries["text"].tolist(), encoder.batch_size)
-        run = search(product_ids, product_vectors, queries["query_id"], query_vectors, k)
+        runs[name] = dense_search(product_ids, product_vectors, queries["query_id"], query_vectors, k)
         by_id = dict(zip(product_ids, product_vectors))
-        cosines = pair_cosines(model, pairs, encoder.batch_size, by_id)
+        cosines = pair_scores(model, pairs, encoder.batch_size, by_id)
         cosines_by_system[name] = cosines
-        systems[name] = {**evaluate_retrieval(run, truth, config), **separation_metrics(pairs["grade"].to_numpy(), cosines)}
+        systems[name] = {**evaluate_retrieval(runs[name], truth, config), **separation_metrics(pairs["grade"].to_numpy(), cosines)}
+        if config.hybrid:
+            in_catalog_order = np.stack([by_id[pid] for pid in products["product_id"]])
+            shard = ShardIndex("catalog", build_faiss_index(in_catalog_order, "Flat"), products["product_id"].tolist(), products["title"].tolist(), lexical)
+            rows, hybrid_runs = hybrid_rows(name, shard, model, queries, truth, tuning, pairs, cosines, pair_lexical, config, encoder, k)
+            systems.update(rows)
+            runs.update(hybrid_runs)
     if plot_path is not None and cosines_by_system:
         plot_histograms(cosines_by_system, pairs["grade"].to_numpy(), plot_path)
-    return {"split": config.split, "n_eval_queries": len(queries), "n_judged_pairs": len(pairs), "systems": systems}
+    result = {"split": config.split, "n_eval_queries": len(queries), "n_judged_pairs": len(pairs), "systems": systems}
+    result["phenomena"] = ndcg_by_phenomenon(runs, truth, queries, config)
+    # The queries the final encoder changed most: against the pretrained encoder, or BM25 when that is the only encoder.
+    encoders = list(models)
+    before = "pretrained" if "pretrained" in encoders[:-1] else "bm25" if "bm25" in runs else None
+    if encoders and before:
+        result["query_changes"] = query_changes(before, encoders[-1], runs, truth, queries, products, config)
+    return result
 
 
 def plot_histograms(cosines_by_system: dict[str, np.ndarray], grades: np.ndarray, path: Path) -> None:
@@ -207,6 +238,54 @@ def plot_histograms(cosines_by_system: dict[str, np.ndarray], grades: np.ndarray
     plt.close(fig)
 
 
+def ndcg_by_phenomenon(runs: dict[str, RunDict], truth: pd.DataFrame, queries: pd.DataFrame, config: EvaluateConfig) -> dict[str, dict]:
+    """Mean NDCG@k (ranx, per query) of every system on the queries of each phenomenon (the queries'
+    optional `phenomenon` tag): {phenomenon: {"n_queries": n, system: NDCG}}, largest group first; {} untagged."""
+    if "phenomenon" not in queries.columns or queries["phenomenon"].isna().all():
+        return {}
+    per_query = {name: evaluate_retrieval(run, truth, config)[PER_QUERY_NDCG] for name, run in runs.items()}
+    groups = queries.dropna(subset=["phenomenon"]).groupby("phenomenon")["query_id"].agg(lambda ids: [str(q) for q in ids])
+    table = {}
+    for phenomenon in sorted(groups.index, key=lambda tag: (-len(groups[tag]), tag)):
+        table[phenomenon] = {"n_queries": len(groups[phenomenon])}
+        for name, scores in per_query.items():
+            values = [scores[q] for q in groups[phenomenon] if q in scores]
+            table[phenomenon][name] = float(np.mean(values)) if values else None
+    return table
+
+
+def render_phenomena(phenomena: dict[str, dict]) -> str:
+    """Markdown table of `ndcg_by_phenomenon`: a row per phenomenon, a column per system."""
+    systems = [name for name in next(iter(phenomena.values())) if name != "n_queries"]
+    lines = [
+        "## NDCG by query phenomenon",
+        "",
+        "| phenomenon | queries | " + " | ".join(systems) + " |",
+        "|---|---|" + "---|" * len(systems),
+    ]
+    for phenomenon, row in phenomena.items():
+        cells = [f"{row[name]:.4f}" if row.get(name) is not None else "-" for name in systems]
+        lines.append(f"| {phenomenon} | {row['n_queries']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# The method's steps in order, each compared with the row before it; then the method against the baselines.
+STAGE_STEPS = (("stage1", "pretrained"), ("stage2", "stage1"), ("stage2", "bm25"), ("stage2", "st-mnrl"))
+
+
+def render_stage_gains(systems: dict[str, dict]) -> str:
+    """What each stage added: relative NDCG@10 and the change of AUC(2 over 1), for the steps whose rows are present."""
+    lines = ["## What each stage added", ""]
+    for after, before in STAGE_STEPS:
+        if after in systems and before in systems and systems[before].get("ndcg@10"):
+            a, b = systems[after], systems[before]
+            line = f"- {after} over {before}: NDCG@10 {b['ndcg@10']:.4f} -> {a['ndcg@10']:.4f} ({a['ndcg@10'] / b['ndcg@10'] - 1:+.1%})"
+            if a.get("auc_2_over_1") is not None and b.get("auc_2_over_1") is not None:
+                line += f", AUC(2 over 1) {b['auc_2_over_1']:.4f} -> {a['auc_2_over_1']:.4f}"
+            lines.append(line)
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def render_report(result: dict, title: str) -> str:
     """Markdown table of the systems."""
     columns = ["ndcg@10", "recall@100_exact", "precision@10_exact", "mean_cos_grade2", "mean_cos_grade1", "mean_cos_grade0", "auc_2_over_1", "auc_1_over_0"]
@@ -223,7 +302,31 @@ def render_report(result: dict, title: str) -> str:
     for name, metrics in result["systems"].items():
         cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float) else "-" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", render_stage_gains(result["systems"])]
+    if result.get("phenomena"):
+        lines += ["", render_phenomena(result["phenomena"])]
     return "\n".join(lines) + "\n"
+
+
+def st_mnrl_model(prepared: Path, config, out_dir: Path) -> str:
+    """Train the `st-mnrl` baseline (mr_ray.retriever.st_baseline) into out_dir; its model folder."""
+    from mr_ray.retriever.st_baseline import train_st_baseline
+
+    stats = train_st_baseline(prepared, config, out_dir)
+    (out_dir / "training.json").write_text(json.dumps(stats, indent=2))
+    return str(out_dir / "model")
+
+
+def loss_histories(ctx) -> dict[str, list[dict]]:
+    """Per training stage among the inputs, its per-epoch metrics (epoch, loss) from its manifest."""
+    from mr_ray.pipeline import read_manifest
+
+    out = {}
+    for name in ctx.stage.inputs:
+        history = ((read_manifest(ctx.input(name)) or {}).get("metrics") or {}).get("history")
+        if history:
+            out[name] = [{"epoch": row["epoch"], "loss": row["loss"]} for row in history if "loss" in row]
+    return out
 
 
 def evaluate_stage(ctx) -> dict:
@@ -231,10 +334,16 @@ def evaluate_stage(ctx) -> dict:
     models: dict[str, str | None] = {}
     if "pretrained" in ctx.config.evaluate.baselines:
         models["pretrained"] = pretrained_model_path()
+    if "st-mnrl" in ctx.config.evaluate.baselines:
+        models["st-mnrl"] = st_mnrl_model(ctx.input("prepare"), ctx.config, ctx.out / "st-mnrl")
     for name in ctx.stage.inputs:
         if (ctx.input(name) / "model").is_dir():
             models[name] = str(ctx.input(name) / "model")
     result = evaluate_systems(ctx.input("prepare"), models, ctx.config.evaluate, ctx.config.encoder, ctx.out / "similarity_hist.png")
-    (ctx.out / "report.json").write_text(json.dumps(result, indent=2))
-    (ctx.out / "report.md").write_text(render_report(result, f"mr-ray evaluation: {ctx.config.name}") + "\n![similarity histograms](similarity_hist.png)\n")
+    judge_markdown, judge_numbers = judge_report(ctx)  # the judge section, when the judge stages ran
+    (ctx.out / "report.json").write_text(json.dumps({**result, "judge": judge_numbers} if judge_numbers else result, indent=2))
+    (ctx.out / "report.md").write_text(render_report(result, f"mr-ray evaluation: {ctx.config.name}") + "\n![similarity histograms](similarity_hist.png)\n" + judge_markdown)
+    (ctx.out / "report.html").write_text(
+        render_report_html({**result, "judge": judge_numbers}, f"mr-ray evaluation: {ctx.config.name}", loss_histories(ctx), ctx.out / "similarity_hist.png")
+    )
     return {name: {k: v for k, v in m.items() if k in ("ndcg@10", "auc_2_over_1")} for name, m in result["systems"].items()}

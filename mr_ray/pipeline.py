@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mr_ray.config import RunConfig, section_hash
-
-MANIFEST = "manifest.json"
+from mr_ray.config import ConfigError, RunConfig, section_hash
+from mr_ray.outputs import MANIFEST, TEMP_PREFIX, placed_output
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class Stage:
 # The main job, in order. A stage's `config` lists the RunConfig sections it reads.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
-    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge.model", "judge.finetune")),
+    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge.kind", "judge.model", "judge.finetune")),
     Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label")),
     Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit")),
     Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize")),
@@ -51,7 +50,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
     Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2")),
     Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep")),
-    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate")),
+    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate"), optional=("judge_finetune", "label", "audit")),
     Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index"), optional=("stage1", "stage2")),
 )
 
@@ -123,34 +122,48 @@ def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print) -> dict
     for name in stage.inputs:
         if upstream[name] is None:
             raise RuntimeError(f"stage {stage.name!r} needs the output of {name!r}, which has not run in {run_dir}")
-    tmp = run_dir / f".tmp-{stage.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name, found in upstream.items() if found is not None})
-    log(f"[mr-ray] stage {stage.name}: running")
-    started = time.perf_counter()
-    try:
+    # The stage folder is replaced only if it holds this stage's previous output (or nothing),
+    # and never if it is (or holds) the data source; checked before the stage runs.
+    with placed_output(run_dir / stage.name, stage.name, config.data.paths().values()) as tmp:
+        ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name, found in upstream.items() if found is not None})
+        log(f"[mr-ray] stage {stage.name}: running")
+        started = time.perf_counter()
         metrics = stage.function()(ctx) or {}
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    wall = time.perf_counter() - started
-    manifest = {
-        "stage": stage.name,
-        **identity,
-        "output_hash": tree_hash(tmp),
-        "metrics": metrics,
-        "wall_time_s": round(wall, 2),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    final = run_dir / stage.name
-    old = run_dir / f".old-{stage.name}-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+        wall = time.perf_counter() - started
+        manifest = {
+            "stage": stage.name,
+            **identity,
+            "output_hash": tree_hash(tmp),
+            "metrics": metrics,
+            "wall_time_s": round(wall, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     log(f"[mr-ray] stage {stage.name}: done in {wall:.1f} s")
     return manifest
+
+
+class RunFolderError(OSError):
+    """The run folder cannot take a stage's output (full, read-only)."""
+
+
+def run_folder_problem(run_dir: Path) -> str | None:
+    """Why `run_dir` cannot be written, or None: a probe of one page, flushed to disk."""
+    probe = run_dir / f"{TEMP_PREFIX}probe-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(bytes(4096))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        free = shutil.disk_usage(run_dir).free / 2**20
+        return f"the run folder {run_dir} cannot be written ({err.strerror}; {free:.1f} MiB free)"
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass  # an immutable folder: nothing was created
+    return None
 
 
 def clean_stale(run_dir: Path) -> None:
@@ -173,7 +186,7 @@ def run_pipeline(
     clean_stale(run_dir)
     unknown = [name for name in only or [] if name not in {s.name for s in stages}]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {[s.name for s in stages]}")
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {[s.name for s in stages]}")
     outcome = {}
     for stage in stages:
         if only and stage.name not in only:
@@ -182,6 +195,14 @@ def run_pipeline(
             log(f"[mr-ray] stage {stage.name}: skipped (manifest matches)")
             outcome[stage.name] = "skipped"
             continue
-        run_stage(stage, config, run_dir, log=log)
+        try:
+            run_stage(stage, config, run_dir, log=log)
+        except Exception as err:
+            # A full or read-only run folder surfaces deep inside a stage (often in a Ray
+            # worker, as text): say so plainly when that is what stopped it.
+            problem = run_folder_problem(run_dir)
+            if problem:
+                raise RunFolderError(f"stage {stage.name!r} stopped: {problem}; the finished stages in it are kept") from err
+            raise
         outcome[stage.name] = "ran"
     return outcome

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from mr_ray.config import EvaluateConfig
-from mr_ray.evaluate import bm25_run, evaluate_retrieval, separation_metrics
+from mr_ray.evaluate import evaluate_retrieval, separation_metrics
+from mr_ray.retrieval import lexical_search
 
 
 def judgments(rows):
@@ -52,6 +53,6 @@ def test_separation_metrics_hand_case():
 def test_bm25_finds_the_matching_title():
     products = pd.DataFrame({"product_id": ["a", "b", "c"], "title": ["cordless drill 18v", "red running shoes", "drill bits set"]})
     queries = pd.DataFrame({"query_id": ["q"], "text": ["running shoes"]})
-    run = bm25_run(products, queries, k=3)
+    run = lexical_search(products, queries, k=3)
     assert max(run["q"], key=run["q"].get) == "b"
     assert "a" not in run["q"]  # no shared term, no score

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from mr_ray.config import EncoderConfig, load_config
-from mr_ray.index.build import build_faiss_index, choose_encoder, shard_bounds, write_shard
+from mr_ray.index.build import choose_encoder, shard_bounds, write_shard
 from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest
-from mr_ray.index.thresholds import GradeThresholds, calibrate_thresholds
+from mr_ray.index.thresholds import GradeThresholds, calibrate_thresholds, load_retrieval_thresholds
 from mr_ray.pipeline import MANIFEST, run_pipeline
+from mr_ray.retrieval import build_faiss_index
 
 
 def unit_vectors(n, dim=32, seed=0):
@@ -25,7 +26,7 @@ def write_sharded(tmp_path, vectors, n_shards, factory="Flat", search_params="")
     for number, (start, stop) in enumerate(shard_bounds(len(vectors), n_shards)):
         index = build_faiss_index(vectors[start:stop], factory, search_params)
         write_shard(tmp_path / f"shard-{number}", index, ids[start:stop], [f"title {i}" for i in range(start, stop)])
-        shards.append(ShardIndex(tmp_path / f"shard-{number}", search_params))
+        shards.append(ShardIndex.open(tmp_path / f"shard-{number}", search_params))
     return shards
 
 
@@ -153,8 +154,90 @@ def test_index_stage_on_the_sample_catalog(ray_local, tmp_path):
     assert merge_hits([s.search(own, 3) for s in shards], 3).product_ids[0, 0] == first.product_ids[7]
 
     thresholds = json.loads((index_dir / "thresholds.json").read_text())
-    assert 0 < thresholds["partial"] < thresholds["exact"] < 1
+    assert 0 < thresholds["partial"] <= thresholds["exact"] < 1  # equal: the 1|0 cut was capped at the 2|1 one
     per_grade = thresholds["calibration"]["per_grade"]
     assert per_grade["exact"]["mean_score"] > per_grade["partial"]["mean_score"] > per_grade["irrelevant"]["mean_score"]
     stage_metrics = json.loads((index_dir / MANIFEST).read_text())["metrics"]
     assert stage_metrics["products"] == 300 and stage_metrics["shards"] == 3
+    # Lexical shards beside the dense ones, and every retrieval mode calibrated on dev.
+    assert [s.lexical.n_docs for s in shards] == [100, 100, 100]
+    modes, weight = load_retrieval_thresholds(index_dir)
+    assert set(modes) == {"dense", "lexical", "hybrid"} and weight == stage_metrics["fusion_weight"]
+    assert modes["dense"] == GradeThresholds.load(index_dir)
+    assert 0 < modes["hybrid"].partial <= modes["hybrid"].exact
+    ndcg = {float(w): v for w, v in thresholds["retrieval"]["weights_ndcg@10"].items()}
+    assert len(ndcg) == 11 and ndcg[weight] == max(ndcg.values())
+
+
+# ---------------------------------------------------------------- hybrid: lexical shards and fusion
+
+
+def test_rrf_on_hand_made_lists():
+    from mr_ray.index.fusion import RRF_K, reciprocal_rank_fusion
+
+    fused = reciprocal_rank_fusion([["a", "b", "c"], ["b", "d"]])
+    scores = dict(fused)
+    assert scores["b"] == pytest.approx(1 / (RRF_K + 2) + 1 / (RRF_K + 1))  # found by both sides
+    assert scores["d"] == pytest.approx(1 / (RRF_K + 2))  # found by the lexical side only
+    assert [p for p, _ in fused] == ["b", "a", "d", "c"]
+    # Ties (same rank on one side each) are ordered by product id, whatever the list order.
+    assert reciprocal_rank_fusion([["y"], ["x"]]) == reciprocal_rank_fusion([["x"], ["y"]]) == [("x", 1 / 61), ("y", 1 / 61)]
+    # k larger than either list: every product of both lists, nothing invented.
+    assert len(reciprocal_rank_fusion([["a"], ["b"]], k=1000)) == 2
+
+
+def test_weighted_fusion_of_candidates_found_by_one_side_only():
+    from mr_ray.index.fusion import Candidates
+
+    candidates = Candidates(
+        product_ids=np.array(["dense-only", "both", "lexical-only"], dtype=object),
+        titles=np.array(["t1", "t2", "t3"], dtype=object),
+        dense=np.array([0.875, 0.75, 0.25], dtype=np.float32),
+        lexical=np.array([0.0, 4.0, 8.0], dtype=np.float32),
+        found_dense=np.array([True, True, False]),
+        found_lexical=np.array([False, True, True]),
+    )
+    hybrid = candidates.ranked("hybrid", 0.5, k=10)  # k larger than both lists
+    # 0.5 * cos + 0.5 * bm25 / 8: both 0.375 + 0.25, lexical-only 0.125 + 0.5 (a tie: by product id), dense-only 0.4375
+    assert [r["product_id"] for r in hybrid] == ["both", "lexical-only", "dense-only"]
+    assert [r["score"] for r in hybrid] == [0.625, 0.625, 0.4375]
+    assert [r["found_by"] for r in hybrid] == [["dense", "lexical"], ["lexical"], ["dense"]]
+    assert [r["product_id"] for r in candidates.ranked("dense", 0.5, 10)] == ["dense-only", "both"]
+    lexical = candidates.ranked("lexical", 0.5, 10)
+    assert [(r["product_id"], r["score"]) for r in lexical] == [("lexical-only", 1.0), ("both", 0.5)]
+    assert [p for p, _ in candidates.rrf(10)] == ["both", "dense-only", "lexical-only"]
+    with pytest.raises(ValueError, match="retrieval 'sparse' is not one of dense, lexical, hybrid"):
+        candidates.ranked("sparse", 0.5, 10)
+
+
+def test_thresholds_calibrated_on_fused_scores():
+    from mr_ray.index.thresholds import calibrate_retrieval
+
+    # Cosine alone cannot tell the exact product (0.60) from the partial ones (0.62, 0.58);
+    # its title matches the query's words, so the fused score can.
+    dense = [0.60, 0.80, 0.62, 0.58, 0.30, 0.20]
+    lexical = [1.00, 0.90, 0.10, 0.20, 0.00, 0.10]
+    grades = [2, 2, 1, 1, 0, 0]
+    by_mode, report = calibrate_retrieval(dense, lexical, grades, weight=0.5)
+    assert report["dense"]["balanced_accuracy"]["2|1"] < 1.0
+    assert report["hybrid"]["balanced_accuracy"] == {"2|1": 1.0, "1|0": 1.0}
+    # fused: 0.80, 0.85, 0.36, 0.39, 0.15, 0.15 -> cuts halfway between 0.80 and 0.39, and 0.36 and 0.15
+    assert by_mode["hybrid"].exact == pytest.approx((0.80 + 0.39) / 2)
+    assert by_mode["hybrid"].partial == pytest.approx((0.36 + 0.15) / 2)
+    assert by_mode["hybrid"].grade([0.85, 0.5, 0.1]).tolist() == [2, 1, 0]
+
+
+def test_shard_answers_both_halves_with_both_scores(tmp_path):
+    vectors = unit_vectors(4, seed=7)
+    titles = ["black leather sofa", "red running shoes", "cordless drill 18v", "drill bits set"]
+    index = build_faiss_index(vectors, "Flat")
+    write_shard(tmp_path / "shard", index, ["p0", "p1", "p2", "p3"], titles)
+    shard = ShardIndex.open(tmp_path / "shard")
+    (found,) = shard.search_both(vectors[[1]], ["drill"], k=1)
+    assert found.product_ids.tolist()[0] == "p1" and found.found_dense.tolist()[0] and not found.found_lexical[0]
+    lexical_only = found.product_ids.tolist().index(next(p for p, f in zip(found.product_ids, found.found_lexical) if f))
+    assert found.product_ids[lexical_only] in {"p2", "p3"}
+    # its cosine comes from the stored vector, the dense hit's BM25 is 0 (no shared word)
+    row = int(found.product_ids[lexical_only][1])
+    assert found.dense[lexical_only] == pytest.approx(float(vectors[row] @ vectors[1]), abs=1e-6)
+    assert found.lexical[0] == 0.0 and found.lexical[lexical_only] > 0

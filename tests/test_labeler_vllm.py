@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from mr_ray.config import JudgeEngineConfig
@@ -17,6 +18,7 @@ from mr_ray.labeler.finetune import grade_logits_transformers
 from mr_ray.labeler.label import label_pairs
 from mr_ray.labeler.model import base_model_folder
 from mr_ray.labeler.prompt import normalise_logprobs, render_pair
+from mr_ray.schema import conform
 
 ENGINE = JudgeEngineConfig(batch_size=4, max_num_seqs=4, max_model_len=384, kv_cache_gib=1)
 SHARD_ROWS = 4
@@ -99,6 +101,7 @@ def test_labeling_through_ray_data_and_vllm_resumes_after_a_kill(ray_local, judg
     np.testing.assert_allclose(judged["confidence"], probabilities.max(axis=1), atol=1e-6)
     assert ((judged["grade_mass"] > 0) & (judged["grade_mass"] <= 1)).all()
     assert set(judged["source"]) == {"llm"}
+    conform(pa.Table.from_pandas(judged, preserve_index=False), "judgments", "causal-LM labels")  # the cross-encoder's pass the same check
 
     # vLLM's grade-token logprobs agree with a plain transformers forward pass of the same prompts.
     lookup = judged.merge(queries, on="query_id").merge(products, on="product_id")

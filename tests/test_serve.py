@@ -18,8 +18,8 @@ import yaml
 
 from mr_ray.cluster import SERVE_ENVIRONMENT
 from mr_ray.config import ServeConfig, load_config
-from mr_ray.index.shards import open_shards
-from mr_ray.index.thresholds import GradeThresholds
+from mr_ray.index.shards import open_shards, search_shards_both
+from mr_ray.index.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.pipeline import run_pipeline
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.serve.app import ServeArgs, build_app, serve_run
@@ -77,10 +77,10 @@ def exact(service):
 def test_search_matches_one_exact_index(app, exact):
     thresholds = GradeThresholds.load(app["index_dir"])
     for query in QUERIES:
-        response = requests.get(f"{app['url']}/search", params={"query": query, "k": 10}, timeout=30)
+        response = requests.get(f"{app['url']}/search", params={"query": query, "k": 10, "retrieval": "dense"}, timeout=30)
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["missing_shards"] == [] and body["shards"] == 2 and body["k"] == 10
+        assert body["missing_shards"] == [] and body["shards"] == 2 and body["k"] == 10 and body["retrieval"] == "dense"
         scores, rows = exact["index"].search(encode(exact["model"], [query]), 10)
         assert [r["product_id"] for r in body["results"]] == exact["ids"][rows[0]].tolist()
         np.testing.assert_allclose([r["score"] for r in body["results"]], scores[0], atol=1e-4)
@@ -95,7 +95,7 @@ def test_concurrent_requests_with_different_k_each_get_their_own_top_k(app, exac
 
     def ask(query_k):
         query, k = query_k
-        return requests.get(f"{app['url']}/search", params={"query": query, "k": k}, timeout=60).json()
+        return requests.get(f"{app['url']}/search", params={"query": query, "k": k, "retrieval": "dense"}, timeout=60).json()
 
     with ThreadPoolExecutor(12) as pool:
         bodies = list(pool.map(ask, asks))
@@ -103,6 +103,35 @@ def test_concurrent_requests_with_different_k_each_get_their_own_top_k(app, exac
         assert body["query"] == query and body["k"] == k and body["missing_shards"] == []
         _, rows = exact["index"].search(encode(exact["model"], [query]), k)
         assert [r["product_id"] for r in body["results"]] == exact["ids"][rows[0]].tolist()
+
+
+def test_each_request_chooses_its_retrieval_and_hears_who_found_what(app):
+    """hybrid (the default) is the calibrated weighted fusion of both halves, over the candidates of both; lexical is BM25's own top-k."""
+    modes, weight = load_retrieval_thresholds(app["index_dir"])
+    shards = open_shards(app["index_dir"])
+    model = load_encoder(None, "cpu", 64)
+    query = "stainless steel frying pan 12 inch"
+    (expected,) = search_shards_both(shards, encode(model, [query]), [query], ServeConfig(max_k=50).max_k)
+    bodies = {mode: requests.post(f"{app['url']}/search", json={"query": query, "k": 20, "retrieval": mode}, timeout=30).json() for mode in ("dense", "lexical", "hybrid")}
+    assert requests.post(f"{app['url']}/search", json={"query": query, "k": 20}, timeout=30).json()["results"] == bodies["hybrid"]["results"]
+    for mode, body in bodies.items():
+        assert body["retrieval"] == mode
+        want = expected.ranked(mode, weight, 20)
+        assert [r["product_id"] for r in body["results"]] == [r["product_id"] for r in want]
+        np.testing.assert_allclose([r["score"] for r in body["results"]], [r["score"] for r in want], atol=1e-4)
+        assert [r["grade"] for r in body["results"]] == modes[mode].grade([r["score"] for r in want]).tolist()
+        assert [r["found_by"] for r in body["results"]] == [r["found_by"] for r in want]
+    assert all(r["found_by"] == ["lexical"] or r["found_by"] == ["dense", "lexical"] for r in bodies["lexical"]["results"])
+    assert all("dense" in r["found_by"] for r in bodies["dense"]["results"])
+    ranked = {mode: [r["product_id"] for r in body["results"]] for mode, body in bodies.items()}
+    assert ranked["hybrid"] != ranked["dense"] and ranked["hybrid"] != ranked["lexical"]  # the fusion ranks by both halves
+    assert all(r["lexical_score"] > 0 for r in bodies["lexical"]["results"])
+
+
+def test_search_page_is_served(app):
+    page = requests.get(f"{app['url']}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'name="retrieval" value="hybrid"' in page.text
 
 
 def test_post_min_grade_keeps_only_the_upper_tiers(app):
@@ -162,6 +191,7 @@ def test_requests_that_queue_are_retrieved_together(app):
         ("get", {"query": "sofa", "colour": "red"}, "colour: unknown field"),
         ("post", {"query": "sofa", "page": 2}, "page: unknown field"),
         ("post", {"query": "sofa", "min_grade": 3}, "min_grade: Input should be 0, 1 or 2"),
+        ("get", {"query": "sofa", "retrieval": "sparse"}, "retrieval: Input should be 'dense', 'lexical' or 'hybrid'"),
         ("post", {"k": 3}, "query: Field required"),
     ],
 )
@@ -179,6 +209,8 @@ def test_healthz_and_openapi_docs(app):
     assert health["status"] == "ok" and health["products"] == 400 and health["shards"] == 2
     assert health["colocated"] == app["url"].endswith("/colocated")
     assert health["thresholds"]["exact"] > health["thresholds"]["partial"]
+    assert health["retrieval"] == "hybrid" and 0.0 <= health["fusion_weight"] <= 1.0
+    assert set(health["thresholds_by_retrieval"]) == {"dense", "lexical", "hybrid"}
     assert requests.get(f"{app['url']}/docs", timeout=30).status_code == 200
     spec = requests.get(f"{app['url']}/openapi.json", timeout=30).json()
     assert {"get", "post"} <= set(spec["paths"]["/search"])

@@ -1,140 +1,55 @@
 """Importers: foreign layouts in, validated canonical Arrow tables out.
 
-Every reader ends in `mr_ray.schema.conform`, so bad input fails here, with
-the file, row and field, before anything is written. Paths may be local or
-any URI pyarrow's filesystems understand (s3://, gs://, hdfs://).
+Every file is read by `mr_ray.data.reading` and every table ends in
+`mr_ray.schema.conform`, so bad input fails here, with the file, row and field,
+before anything is written. Paths may be local or any URI pyarrow's
+filesystems understand (s3://, gs://, hdfs://).
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
-from pathlib import PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from mr_ray.data.reading import find_table, list_table_files, read_file, require_columns
 from mr_ray.grades import UnknownGradeError, from_esci, from_homedepot_rating, from_wands
-from mr_ray.schema import JUDGMENTS, PRODUCTS, QUERIES, SPECS, DataError, conform
-
-TABLE_EXTENSIONS = (".parquet", ".csv", ".tsv", ".jsonl", ".json")
-
-
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(path)
-
-
-def _read_bytes(fs: pafs.FileSystem, path: str, source: str) -> bytes:
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except FileNotFoundError:
-        raise DataError("file not found", file=source) from None
-
-
-def _check_utf8(data: bytes, source: str, header_lines: int) -> None:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise DataError(
-            f"not valid UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); re-save the file as UTF-8",
-            file=source,
-            row=line - header_lines,
-        ) from None
-
-
-def read_file(path: str, delimiter: str | None = None) -> pa.Table:
-    """Read one Parquet, CSV/TSV or JSON-lines file; every CSV column is read as text."""
-    fs, inner = _filesystem(path)
-    suffix = PurePosixPath(inner).suffix.lower()
-    if suffix == ".parquet":
-        try:
-            return pq.read_table(inner, filesystem=fs)
-        except FileNotFoundError:
-            raise DataError("file not found", file=path) from None
-        except pa.ArrowInvalid as err:
-            raise DataError(f"not a readable Parquet file: {err}", file=path) from None
-    data = _read_bytes(fs, inner, path)
-    if not data.strip():
-        raise DataError("the file is empty", file=path)
-    if suffix in (".csv", ".tsv"):
-        _check_utf8(data, path, header_lines=1)
-        delimiter = delimiter or ("\t" if suffix == ".tsv" else ",")
-        header = next(csv.reader(io.StringIO(data.decode("utf-8").split("\n", 1)[0]), delimiter=delimiter))
-        try:
-            return pacsv.read_csv(
-                io.BytesIO(data),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(column_types={name: pa.string() for name in header}),
-            )
-        except pa.ArrowInvalid as err:
-            raise DataError(f"cannot parse as CSV: {err}", file=path) from None
-    if suffix in (".jsonl", ".json"):
-        _check_utf8(data, path, header_lines=0)
-        rows = []
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg}", file=path, row=number) from None
-            if not isinstance(row, dict):
-                raise DataError("each line must be a JSON object", file=path, row=number)
-            rows.append(row)
-        return pa.Table.from_pylist(rows)
-    raise DataError(f"unsupported file type {suffix!r}; use one of {TABLE_EXTENSIONS}", file=path)
-
-
-def list_table_files(path: str) -> list[str]:
-    """A file, or every table file in a folder (sorted), as paths or URIs."""
-    fs, inner = _filesystem(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError("no such file or folder", file=path)
-    if info.type == pafs.FileType.File:
-        return [path]
-    selector = pafs.FileSelector(inner, recursive=True)
-    prefix = path[: len(path) - len(inner)] if "://" in path else ""
-    files = sorted(
-        prefix + f.path
-        for f in fs.get_file_info(selector)
-        if f.type == pafs.FileType.File and PurePosixPath(f.path).suffix.lower() in TABLE_EXTENSIONS
-    )
-    if not files:
-        raise DataError("the folder holds no table files", file=path)
-    return files
+from mr_ray.schema import (
+    JUDGMENTS,
+    PRODUCTS,
+    QUERIES,
+    SPECS,
+    DataError,
+    check_extra_columns,
+    conform,
+    duplicate_error,
+    first_duplicate,
+    locate,
+    with_origin,
+)
 
 
 def read_canonical_table(path: str, kind: str, columns: dict[str, str] | None = None) -> pa.Table:
     """Read a file or folder of one table, rename columns (canonical -> source name), validate."""
-    tables = []
-    for file in list_table_files(path):
+    files, tables = list_table_files(path), []
+    for file in files:
         table = read_file(file)
         if columns:
             rename = {source: canonical for canonical, source in columns.items()}
             table = table.rename_columns([rename.get(name, name) for name in table.column_names])
+        check_extra_columns(table, kind, file)
         tables.append(conform(table, kind, file))
     if len(tables) == 1:
         return tables[0]
-    return conform(pa.concat_tables(tables), kind, path)
-
-
-def _find_table(folder: str, name: str) -> str | None:
-    fs, inner = _filesystem(folder)
-    for candidate in (name, *(name + ext for ext in TABLE_EXTENSIONS)):
-        if fs.get_file_info(f"{inner.rstrip('/')}/{candidate}").type != pafs.FileType.NotFound:
-            return f"{folder.rstrip('/')}/{candidate}"
-    return None
+    # Each file is valid alone; a key repeated across files is reported in the file that repeats it.
+    combined = with_origin(pa.concat_tables(tables), [(file, table.num_rows) for file, table in zip(files, tables)])
+    found = first_duplicate(combined, SPECS[kind].key)
+    if found is not None:
+        row, first = found
+        raise duplicate_error(combined, SPECS[kind], row, locate(combined, first, path), path)
+    return combined
 
 
 def hash_split(ids: pa.ChunkedArray | list, dev: float = 0.1, test: float = 0.1) -> list[str]:
@@ -158,6 +73,8 @@ def _map_grades(table: pa.Table, column: str, mapper, source: str) -> pa.Array:
     grades = []
     for row, value in enumerate(table.column(column).to_pylist(), start=1):
         try:
+            if isinstance(value, bool):
+                raise UnknownGradeError(f"a boolean {value!r} is not a grade")
             grades.append(int(mapper(value)))
         except (UnknownGradeError, TypeError, ValueError) as err:
             raise DataError(str(err), file=source, row=row, field=column) from None
@@ -168,7 +85,7 @@ def import_canonical(folder: str) -> dict[str, pa.Table]:
     """Our own layout: products, queries, judgments, optional engagement (files or folders)."""
     tables = {}
     for kind in ("products", "queries", "judgments", "engagement"):
-        found = _find_table(folder, kind)
+        found = find_table(folder, kind)
         if found is None:
             if kind == "engagement":
                 continue
@@ -189,8 +106,7 @@ def import_homedepot(folder: str) -> dict[str, pa.Table]:
     """The Home Depot layout of ../shared/data/homedepot: grades from the mean rating."""
     paths = {kind: f"{folder.rstrip('/')}/{kind}.parquet" for kind in ("products", "queries", "judgments")}
     raw = read_file(paths["judgments"])
-    if "rating_mean" not in raw.column_names:
-        raise DataError("missing column 'rating_mean'", file=paths["judgments"], field="rating_mean")
+    require_columns(raw, ("query_id", "product_id", "rating_mean"), paths["judgments"])
     grades = _map_grades(raw, "rating_mean", from_homedepot_rating, paths["judgments"])
     judgments = pa.table(
         {
@@ -213,13 +129,8 @@ def import_esci(folder: str) -> dict[str, pa.Table]:
     products_path = f"{folder.rstrip('/')}/shopping_queries_dataset_products.parquet"
     examples = read_file(examples_path)
     products = read_file(products_path)
-    for table, path, needed in (
-        (examples, examples_path, ("query_id", "query", "product_id", "product_locale", "esci_label")),
-        (products, products_path, ("product_id", "product_title", "product_locale")),
-    ):
-        for name in needed:
-            if name not in table.column_names:
-                raise DataError(f"missing column {name!r}", file=path, field=name)
+    require_columns(examples, ("query_id", "query", "product_id", "product_locale", "esci_label"), examples_path)
+    require_columns(products, ("product_id", "product_title", "product_locale"), products_path)
 
     def keyed(table: pa.Table) -> pa.Array:
         return pc.binary_join_element_wise(table.column("product_locale"), pc.cast(table.column("product_id"), pa.string()), ":")
@@ -241,7 +152,7 @@ def import_esci(folder: str) -> dict[str, pa.Table]:
         release = examples.column("split").to_pylist()
         hashed = hash_split(query_ids, dev=0.1, test=0.0)
         queries = queries.append_column("split", pa.array([r if r == "test" else h for r, h in zip(release, hashed)]))
-    queries = pa.Table.from_pandas(queries.to_pandas().drop_duplicates("query_id"), preserve_index=False)
+    queries = _one_text_per_query(queries, examples_path)
     judgments = pa.table(
         {
             "query_id": query_ids,
@@ -263,14 +174,9 @@ def import_wands(folder: str) -> dict[str, pa.Table]:
     products = read_file(f"{base}/product.csv", delimiter="\t")
     queries = read_file(f"{base}/query.csv", delimiter="\t")
     labels = read_file(f"{base}/label.csv", delimiter="\t")
-    for table, name, needed in (
-        (products, "product.csv", ("product_id", "product_name")),
-        (queries, "query.csv", ("query_id", "query")),
-        (labels, "label.csv", ("query_id", "product_id", "label")),
-    ):
-        for column in needed:
-            if column not in table.column_names:
-                raise DataError(f"missing column {column!r}", file=f"{base}/{name}", field=column)
+    require_columns(products, ("product_id", "product_name"), f"{base}/product.csv")
+    require_columns(queries, ("query_id", "query"), f"{base}/query.csv")
+    require_columns(labels, ("query_id", "product_id", "label"), f"{base}/label.csv")
     product_table = pa.table(
         {
             "product_id": products.column("product_id"),
@@ -295,20 +201,38 @@ def import_wands(folder: str) -> dict[str, pa.Table]:
     }
 
 
+def _one_text_per_query(queries: pa.Table, source: str) -> pa.Table:
+    """ESCI repeats each query on every example row: keep one row per query_id, refuse two texts."""
+    frame = queries.to_pandas()
+    texts = frame.groupby("query_id", sort=False)["text"].transform("first")
+    conflict = (frame["text"] != texts).to_numpy()
+    if conflict.any():
+        row = int(np.flatnonzero(conflict)[0]) + 1
+        query_id = frame["query_id"].iloc[row - 1]
+        first = int(np.flatnonzero((frame["query_id"] == query_id).to_numpy())[0]) + 1
+        raise DataError(
+            f"query_id {query_id!r} has the text {frame['text'].iloc[row - 1]!r} here and {texts.iloc[row - 1]!r} at row {first}",
+            file=source,
+            row=row,
+            field="query",
+        )
+    return pa.Table.from_pandas(frame.drop_duplicates("query_id"), preserve_index=False)
+
+
 def check_references(tables: dict[str, pa.Table], source: str) -> None:
     """Every judged or engaged pair must point at a known query and product."""
-    product_ids = tables["products"].column("product_id")
-    query_ids = tables["queries"].column("query_id")
+    known = {"query_id": ("queries", tables["queries"].column("query_id")), "product_id": ("products", tables["products"].column("product_id"))}
     for kind in ("judgments", "engagement", "gold"):
         if kind not in tables:
             continue
         table = tables[kind]
-        for field, known in (("query_id", query_ids), ("product_id", product_ids)):
-            unknown = pc.invert(pc.is_in(table.column(field), value_set=known)).to_numpy(zero_copy_only=False)
+        for field, (name, ids) in known.items():
+            unknown = pc.invert(pc.is_in(table.column(field), value_set=ids)).to_numpy(zero_copy_only=False)
             if unknown.any():
                 row = int(np.flatnonzero(unknown)[0]) + 1
                 value = table.column(field)[row - 1].as_py()
-                raise DataError(f"{field} {value!r} is not in the {field.split('_')[0]}s table", file=f"{source} ({kind})", row=row, field=field)
+                file, file_row = locate(table, row, f"{source} ({kind})")
+                raise DataError(f"{field} {value!r} is not in the {name} table", file=file, row=file_row, field=field)
 
 
 IMPORTERS = {

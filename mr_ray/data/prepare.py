@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from mr_ray.config import DataConfig
 from mr_ray.data.importers import IMPORTERS, check_references, import_generic
 from mr_ray.data.sample import generate_sample
-from mr_ray.schema import DataError, conform
+from mr_ray.schema import conform, without_origin
 
 TABLES = ("products", "queries", "judgments", "engagement", "gold", "pool")
 
@@ -31,11 +31,8 @@ def load_source(config: DataConfig) -> dict[str, pa.Table]:
         }
         tables["pool"] = pa.Table.from_pandas(frames["pool"], preserve_index=False)
         return tables
-    if config.path is None and config.source != "generic":
-        raise DataError(f"data.source {config.source!r} needs data.path")
+    # DataConfig has checked that the source has its path (or files).
     if config.source == "generic":
-        if not config.files:
-            raise DataError("data.source 'generic' needs data.files (table name -> path)")
         return import_generic(config.files, config.columns)
     return IMPORTERS[config.source](config.path)
 
@@ -48,7 +45,7 @@ def write_tables(tables: dict[str, pa.Table], out: Path) -> dict[str, int]:
             continue
         folder = out / kind
         folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(tables[kind], folder / "part-00000.parquet")
+        pq.write_table(without_origin(tables[kind]), folder / "part-00000.parquet")
         counts[kind] = tables[kind].num_rows
     return counts
 

@@ -2,12 +2,18 @@
 
 What it makes (all in the canonical schemas of `mr_ray.schema`):
 - products: several categories of product types, each product a type with a
-  brand, colour, material and size, rendered into a title and a description.
-- queries: head (a bare type), torso (type plus one attribute) and long-tail
-  (type plus several attributes, a quarter of them misspelt) queries, with a
-  share in a second locale (Spanish words for the type and colour), split
-  train/dev/test.
-- gold grades from explicit rules (`gold_grade`):
+  brand, colour, material and size, rendered into a title with the noise real
+  titles carry (product-line codes, marketing words, pack sizes, a brand's own
+  name for the type, colours and sizes written another way, the material
+  sometimes only in the description) and a description stating every attribute.
+- queries worded as shoppers word them, each tagged with its phenomenon
+  (`PHENOMENA`: plain, synonym, intent, paraphrase, complement, model, brand,
+  misspelt, plus second_locale: Spanish words for the type and colour), a
+  head/torso/tail tier by the number of stated attributes, split
+  train/dev/test. The same synonym, intent and complement wordings recur across
+  splits with other attributes, so a retriever can learn them from train queries.
+- gold grades from explicit rules (`gold_grade`) on the query's stated type
+  and attributes, whatever its wording:
   exact (2)    = same product type and every attribute the query states matches;
   partial (1)  = a substitute (same type with a different stated attribute, or a
                  sibling type) or a complement (an accessory of the type);
@@ -20,6 +26,7 @@ What it makes (all in the canonical schemas of `mr_ray.schema`):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +148,7 @@ BRANDS = {
     "outdoor": ["summitgear", "wildpath", "basecamp", "timberline"],
     "sports": ["flexcore", "ironflow", "zenfit", "pulse"],
 }
+BRAND_CATEGORY = {brand: category for category, brands in BRANDS.items() for brand in brands}
 COLORS = ["black", "white", "gray", "navy", "red", "green", "blue", "beige", "brown", "pink", "orange", "yellow"]
 SPANISH_COLORS = {
     "black": "negro", "white": "blanco", "gray": "gris", "navy": "azul marino", "red": "rojo", "green": "verde",
@@ -149,9 +157,157 @@ SPANISH_COLORS = {
 ADJECTIVES = ["premium", "classic", "lightweight", "durable", "everyday", "pro", "compact", "deluxe", "essential", "ultra"]
 ATTRIBUTES = ("brand", "color", "material", "size")
 
+# Other names for a product type: shoppers use them, and two brands per type write their titles with them.
+# No synonym is another type's name, so the gold rules stay unambiguous.
+SYNONYMS = {
+    "running shoes": ("runners", "jogging shoes"), "sneakers": ("trainers", "kicks"), "trail shoes": ("trail runners",),
+    "hiking boots": ("trekking boots",), "shoe insoles": ("shoe inserts", "footbeds"), "athletic socks": ("sport socks", "gym socks"),
+    "smartphone": ("cell phone", "mobile phone"), "feature phone": ("flip phone", "basic phone"), "phone case": ("phone cover",),
+    "phone wallet": ("wallet case",), "screen protector": ("screen guard",), "phone charger": ("wall charger", "charging brick"),
+    "power bank": ("portable charger", "battery pack"), "wireless headphones": ("bluetooth headphones", "over ear headphones"),
+    "wireless earbuds": ("bluetooth earbuds", "earphones"), "headphone stand": ("headset holder",), "laptop": ("notebook computer",),
+    "laptop sleeve": ("laptop bag",), "wireless mouse": ("cordless mouse", "bluetooth mouse"), "trackpad": ("touchpad",),
+    "mouse pad": ("mouse mat",), "frying pan": ("fry pan", "saute pan"), "wok": ("stir fry pan",), "spatula": ("turner", "flipper"),
+    "cooking spoon": ("stirring spoon",), "pan lid": ("pot lid",), "stock pot": ("soup pot",), "dutch oven": ("cocotte", "casserole pot"),
+    "coffee maker": ("coffee machine", "drip brewer"), "espresso machine": ("espresso maker",), "french press": ("coffee press", "cafetiere"),
+    "coffee filters": ("filter papers",), "coffee grinder": ("coffee mill", "burr grinder"), "milk frother": ("milk foamer",),
+    "desk lamp": ("task light", "reading lamp"), "table lamp": ("bedside lamp",), "floor lamp": ("standing lamp", "torchiere"),
+    "light bulb": ("lightbulb",), "lamp shade": ("lampshade",), "sofa": ("couch", "settee"), "loveseat": ("love seat",),
+    "sectional": ("corner couch",), "throw pillow": ("cushion", "accent pillow"), "pillow cover": ("cushion cover",),
+    "sofa cover": ("slipcover",), "cordless drill": ("drill driver", "power drill"), "impact driver": ("impact gun",),
+    "hammer drill": ("masonry drill",), "drill bits": ("bit set",), "screwdriver bits": ("driver bits",), "drill battery": ("tool battery",),
+    "tool box": ("toolbox", "tool chest"), "tool bag": ("tool tote",), "screwdriver set": ("screwdriver kit",),
+    "t-shirt": ("tee", "tshirt"), "polo shirt": ("golf shirt",), "tank top": ("sleeveless shirt",), "jeans": ("denim pants",),
+    "chinos": ("khakis",), "leather belt": ("belt",), "rain jacket": ("raincoat", "rain shell"), "winter coat": ("parka", "puffer jacket"),
+    "wool scarf": ("muffler",), "camping tent": ("backpacking tent",), "canopy tent": ("pop up canopy", "gazebo"),
+    "sleeping bag": ("mummy bag",), "camping blanket": ("outdoor blanket",), "sleeping pad": ("sleeping mat", "camping mat"),
+    "air mattress": ("air bed", "blow up mattress"), "air pump": ("inflator",), "tent stakes": ("tent pegs",),
+    "yoga mat": ("pilates mat",), "exercise mat": ("gym mat", "workout mat"), "yoga block": ("yoga brick",),
+    "yoga strap": ("stretching strap",), "dumbbells": ("hand weights", "free weights"), "kettlebell": ("kettle bell",),
+    "dumbbell rack": ("weight rack",),
+}
+# Use-case wordings that name what the shopper wants to do, not the product type.
+INTENTS = {
+    "running shoes": ("shoes for a marathon", "something to jog in"), "sneakers": ("casual shoes for everyday wear",),
+    "trail shoes": ("shoes for running on muddy trails",), "hiking boots": ("boots for a mountain hike",),
+    "shoe insoles": ("something to stop my feet hurting in shoes",), "athletic socks": ("socks for the gym",),
+    "smartphone": ("a phone that runs apps",), "feature phone": ("simple phone for my grandma",),
+    "phone case": ("something to protect my phone if i drop it",), "screen protector": ("stop my phone screen from cracking",),
+    "phone charger": ("something to charge my phone",), "power bank": ("charge my phone when travelling",),
+    "wireless headphones": ("headphones without a cable for the office",), "wireless earbuds": ("small earphones for the gym",),
+    "laptop": ("computer for college",), "tablet": ("something to read ebooks and watch videos on",),
+    "laptop sleeve": ("protect my laptop in my backpack",), "wireless mouse": ("mouse without a cable",),
+    "frying pan": ("something to fry eggs in",), "wok": ("pan for stir fry",), "spatula": ("something to flip pancakes",),
+    "stock pot": ("big pot for making soup",), "dutch oven": ("pot for slow cooking stew in the oven",),
+    "coffee maker": ("make coffee for the whole family",), "espresso machine": ("make lattes at home",),
+    "french press": ("brew coffee without electricity",), "coffee grinder": ("grind coffee beans",),
+    "milk frother": ("foam milk for cappuccino",), "desk lamp": ("light for working at my desk",),
+    "floor lamp": ("tall light for a living room corner",), "light bulb": ("replacement for a burnt out bulb",),
+    "sofa": ("somewhere for the family to sit in the living room",), "sectional": ("big seating for a family room",),
+    "throw pillow": ("something soft to decorate the couch",), "cordless drill": ("drill holes without a power cord",),
+    "impact driver": ("drive long screws into a deck",), "hammer drill": ("drill into concrete walls",),
+    "tool box": ("somewhere to keep my tools",), "t-shirt": ("basic top for summer",), "jeans": ("everyday denim trousers",),
+    "rain jacket": ("stay dry when it rains",), "winter coat": ("keep warm in the snow",), "wool scarf": ("keep my neck warm",),
+    "camping tent": ("shelter for a camping trip",), "canopy tent": ("shade for an outdoor party",),
+    "sleeping bag": ("stay warm sleeping outdoors",), "sleeping pad": ("something to sleep on in a tent",),
+    "air mattress": ("extra bed for guests",), "tent stakes": ("hold my tent down in the wind",),
+    "yoga mat": ("something to do yoga on",), "dumbbells": ("weights for home workouts",),
+    "kettlebell": ("weight for swings at home",),
+}
+# Complement wordings: accessory type -> (what the shopper calls it, the type it goes with, how they name that
+# type, whether the accessory's size is the other product's size: "case for a 6.7 inch phone"). The type it goes
+# with is among the accessory's `complements`, so the gold rules grade it partial.
+ACCESSORY_WORDING = {
+    "phone case": ("case", "smartphone", "phone", True), "screen protector": ("screen protector", "smartphone", "phone", True),
+    "phone wallet": ("wallet", "smartphone", "phone", True), "laptop sleeve": ("sleeve", "laptop", "laptop", True),
+    "pan lid": ("lid", "frying pan", "frying pan", True), "coffee filters": ("filters", "coffee maker", "coffee maker", False),
+    "lamp shade": ("shade", "floor lamp", "floor lamp", True), "light bulb": ("bulb", "table lamp", "table lamp", False),
+    "sofa cover": ("cover", "sofa", "couch", True), "pillow cover": ("pillow cover", "sofa", "sofa", False),
+    "drill bits": ("bits", "cordless drill", "drill", False), "drill battery": ("battery", "cordless drill", "drill", False),
+    "screwdriver bits": ("bits", "impact driver", "impact driver", False), "tent stakes": ("stakes", "camping tent", "tent", False),
+    "air pump": ("pump", "air mattress", "air mattress", False), "shoe insoles": ("insoles", "hiking boots", "hiking boots", True),
+    "headphone stand": ("stand", "wireless headphones", "headphones", False), "mouse pad": ("pad", "wireless mouse", "mouse", False),
+    "dumbbell rack": ("rack", "dumbbells", "dumbbells", False), "yoga block": ("block", "yoga mat", "yoga mat", False),
+    "leather belt": ("belt", "jeans", "jeans", False),
+}
+# Attribute paraphrases: colour names and spellings a shopper (or a brand's title) uses for the catalog's colour.
+COLOR_WORDS = {
+    "black": ("jet black", "ebony"), "white": ("ivory", "snow white"), "gray": ("grey", "charcoal"), "navy": ("navy blue", "dark blue"),
+    "red": ("crimson", "scarlet"), "green": ("olive", "forest green"), "blue": ("royal blue", "sky blue"), "beige": ("tan", "sand"),
+    "brown": ("chocolate", "chestnut"), "pink": ("rose", "blush"), "orange": ("tangerine", "burnt orange"), "yellow": ("mustard", "lemon"),
+}
+MATERIAL_WORDS = {
+    "stainless steel": ("stainless",), "nonstick": ("non-stick", "non stick"), "cast iron": ("cast-iron",), "gore-tex": ("goretex",),
+    "lithium ion": ("li-ion",), "aluminum": ("aluminium",), "carbon steel": ("carbon-steel",), "wood": ("wooden",), "wool": ("woolen",),
+    "glass": ("tempered glass",), "velvet": ("velour",), "ceramic": ("porcelain",), "enamel": ("enameled",), "knit": ("knitted",),
+    "leather": ("genuine leather",), "metal": ("metallic",), "rubber": ("rubberized",), "polyester": ("poly",), "foam": ("memory foam",),
+}
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten", 11: "eleven", 12: "twelve"}
+_UNIT_WORDINGS = [  # (pattern of the catalog's size, wordings with {n} the number and {w} its word)
+    (r"(\d+)v", ("{n} volt", "{n} volts")), (r"(\d+) ft", ("{w} foot", "{n} foot", "{n}'")),
+    (r"([\d.]+) inch", ('{n}"', "{n} in", "{w} inch")), (r"(\d+)gb", ("{n} gigabyte", "{n} gb")),
+    (r"(\d+) lb", ("{n} pound", "{n} lbs")), (r"size (\d+)", ("size {w}", "us {n}")), (r"(\d+)w", ("{n} watt", "{n} watts")),
+    (r"(\d+) quart", ("{n} qt",)), (r"(\d+) oz", ("{n} ounce",)), (r"(\d+) person", ("{w} person", "{n} man")),
+    (r"(\d+) pack", ("pack of {n}",)), (r"(\d+) piece", ("{n} pc", "{n} pcs")), (r"(\d+)mm", ("{n} millimeter",)),
+    (r"(\d+)ah", ("{n} amp hour",)), (r"(\d+)mah", ("{n} milliamp",)), (r"(\d+) cup", ("{w} cup",)), (r"(\d+) count", ("{n} ct",)),
+    (r"(\d+) seat", ("{w} seater", "{n} seater")), (r"(\d+)x(\d+)", ("{n} x {m}",)), (r"xl", ("extra large",)),
+    (r"large", ("lg",)), (r"medium", ("med",)), (r"small", ("sm",)), (r"(l|u) shaped", ("{n}-shaped",)),
+]
+TIER_SHARES = [0.1, 0.35, 0.55]  # head (type only), torso (one attribute), tail (two or three)
+TITLE_REWORDED = 0.4  # share of titles writing the colour (and, separately, the size) another way
+TITLE_WITHOUT_MATERIAL = 0.3  # share of titles that leave the material to the description
+# Noise real titles carry, which no query asks for.
+MARKETING = ["NEW", "Best Seller", "2025 Model", "Top Rated", "Upgraded", "Limited Edition", "Free Shipping", "Hot Deal"]
+PACKS = ["1 Pack", "2 Pack", "Set of 2", "Pack of 3", "1 Count"]
+
+
+def size_wordings(size: str) -> tuple[str, ...]:
+    """Other ways to write a catalog size ("20v" -> "20 volt", "6 ft" -> "six foot"); () when there is none."""
+    for pattern, wordings in _UNIT_WORDINGS:
+        match = re.fullmatch(pattern, size)
+        if match:
+            n = match.group(1) if match.groups() else ""
+            m = match.group(2) if len(match.groups()) > 1 else ""
+            word = NUMBER_WORDS.get(int(n)) if n.isdigit() else None
+            return tuple(w.format(n=n, m=m, w=word) for w in wordings if "{w}" not in w or word)
+    return ()
+
+
+def attribute_wordings(attribute: str, value: str) -> tuple[str, ...]:
+    """Paraphrases of an attribute value (brands have none)."""
+    if attribute == "color":
+        return COLOR_WORDS[value]
+    if attribute == "material":
+        return MATERIAL_WORDS.get(value, ())
+    if attribute == "size":
+        return size_wordings(value)
+    return ()
+
+
+def model_code(brand: str, type_name: str, size: str) -> str:
+    """The product-line code a brand prints in its titles, one per (brand, type, size): "TO482"."""
+    t = TYPE_BY_NAME[type_name]
+    return f"{brand[:2].upper()}{TYPES.index(t):02d}{t.sizes.index(size)}"
+
+
+def title_name(type_name: str, brand: str) -> str:
+    """How a brand's titles name a type: two brands per type use its synonyms (a house vocabulary)."""
+    t = TYPE_BY_NAME[type_name]
+    brands = BRANDS[t.category]
+    synonyms = SYNONYMS.get(type_name, ())
+    house = [brands[(TYPES.index(t) + i) % len(brands)] for i in range(2)]
+    return synonyms[house.index(brand) % len(synonyms)] if synonyms and brand in house else type_name
+
 
 def generate_products(n: int, rng: np.random.Generator) -> pd.DataFrame:
-    """Products with a type, brand, colour, material and size; popular types have more products."""
+    """Products with a type, brand, colour, material and size; popular types have more products.
+
+    Titles carry what real titles carry: a product-line code, and often marketing
+    words or a pack size. Two brands per type name the type by a synonym; some
+    titles write the colour or size another way ("crimson", '10"':
+    TITLE_REWORDED) or leave the material out (TITLE_WITHOUT_MATERIAL); the
+    description always states every attribute.
+    """
     type_weights = 1.0 / np.arange(1, len(TYPES) + 1) ** 0.3
     type_index = rng.choice(len(TYPES), size=n, p=type_weights / type_weights.sum())
     rows = []
@@ -162,18 +318,32 @@ def generate_products(n: int, rng: np.random.Generator) -> pd.DataFrame:
         material = t.materials[rng.integers(len(t.materials))]
         size = t.sizes[rng.integers(len(t.sizes))]
         adjective = ADJECTIVES[rng.integers(len(ADJECTIVES))]
-        template = rng.integers(3)
+        code = model_code(brand, t.name, size)
+        name = title_name(t.name, brand)
+        color_text = _reworded(color, COLOR_WORDS[color], TITLE_REWORDED, rng)
+        size_text = _reworded(size, size_wordings(size), TITLE_REWORDED, rng)
+        material_text = "" if rng.random() < TITLE_WITHOUT_MATERIAL else material
+        template = rng.integers(4)
         if template == 0:
-            title = f"{brand.title()} {adjective} {material} {t.name}, {color}, {size}"
+            title = f"{brand.title()} {adjective} {material_text} {name}, {color_text}, {size_text}"
         elif template == 1:
-            title = f"{brand.title()} {t.name} - {color} {material} - {size}"
+            title = f"{brand.title()} {name} - {color_text} {material_text} - {size_text} - {code}"
+        elif template == 2:
+            title = f"{adjective.title()} {color_text} {name} by {brand.title()} ({material_text}, {size_text})"
         else:
-            title = f"{adjective.title()} {color} {t.name} by {brand.title()} ({material}, {size})"
+            title = f"{brand.title()} {code} {name} {size_text} {material_text} {color_text}"
+        if template in (0, 2):
+            title = f"{title} {code}" if rng.random() < 0.5 else f"{code} {title}"
+        if rng.random() < 0.4:
+            title = f"{MARKETING[rng.integers(len(MARKETING))]} {title}"
+        if rng.random() < 0.2:
+            title = f"{title}, {PACKS[rng.integers(len(PACKS))]}"
+        title = re.sub(r"\s+", " ", title.replace("(, ", "(").replace(" ,", ",")).strip()
         rows.append(
             {
                 "product_id": f"P{i:07d}",
                 "title": title,
-                "description": f"A {adjective} {t.name} in {color} {material} from {brand.title()}. Size: {size}.",
+                "description": f"A {adjective} {t.name} in {color} {material} from {brand.title()}. Size: {size}. Model {code}.",
                 "brand": brand,
                 "color": color,
                 "category": t.category,
@@ -186,38 +356,133 @@ def generate_products(n: int, rng: np.random.Generator) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def generate_queries(n: int, rng: np.random.Generator, spanish_fraction: float) -> pd.DataFrame:
-    """Head, torso and tail queries with their stated attributes (None = not stated)."""
+def _reworded(value: str, wordings: tuple[str, ...], rate: float, rng: np.random.Generator) -> str:
+    return wordings[rng.integers(len(wordings))] if wordings and rng.random() < rate else value
+
+
+# Query phenomena and their shares of the generated queries (second_locale's share comes from the config;
+# the others are scaled to fill the rest). Each query records its phenomenon in the `phenomenon` column.
+PHENOMENA = {
+    "plain": 0.18,  # type and attributes in the catalog's own words ("nimbus red running shoes size 9")
+    "synonym": 0.18,  # the type by another name ("couch", "trainers")
+    "intent": 0.16,  # a use case instead of the type ("shoes for a marathon"), maybe with an attribute
+    "paraphrase": 0.14,  # attributes worded differently ("crimson", "20 volt", "six foot")
+    "complement": 0.08,  # an accessory by what it goes with ("case for a 6.7 inch phone")
+    "model": 0.06,  # brand and product-line code ("torqmax to482"): states brand, type and size
+    "brand": 0.04,  # the brand alone: every product of the brand is exact
+    "misspelt": 0.16,  # a plain query with a typing error
+}
+
+
+def phenomenon_shares(second_locale_fraction: float) -> dict[str, float]:
+    """Every phenomenon's share of the queries (they sum to 1)."""
+    shares = {name: share * (1.0 - second_locale_fraction) for name, share in PHENOMENA.items()}
+    return {**shares, "second_locale": second_locale_fraction}
+
+
+def _stated_attributes(target: dict, n: int, rng: np.random.Generator, among: tuple[str, ...] = ATTRIBUTES) -> dict:
+    """`n` of the target product's attributes (chosen `among` some), the others None."""
+    stated = dict.fromkeys(ATTRIBUTES)
+    for attribute in rng.choice(among, size=min(n, len(among)), replace=False):
+        stated[attribute] = target[attribute]
+    return stated
+
+
+def _pick(options, rng: np.random.Generator):
+    return options[rng.integers(len(options))]
+
+
+def _plain_words(stated: dict, type_words: str) -> str:
+    return " ".join(w for w in (stated["brand"], stated["color"], stated["material"], type_words, stated["size"]) if w)
+
+
+def has_wording(phenomenon: str, type_name: str) -> bool:
+    """Whether queries of `phenomenon` can name this type (synonyms, intents and complements exist for some types)."""
+    table = {"synonym": SYNONYMS, "intent": INTENTS, "complement": ACCESSORY_WORDING}.get(phenomenon)
+    return table is None or type_name in table
+
+
+def word_query(phenomenon: str, t: ProductType, target: dict, rng: np.random.Generator) -> tuple[str, dict, str] | None:
+    """(text, stated attributes, tier) of one query of `phenomenon` for type `t`, stating attributes of `target`
+    (a product of type `t`: the one the shopper has in mind, so a query has an exact product); None if this
+    draw gave no wording."""
+    if not has_wording(phenomenon, t.name):
+        raise ValueError(f"no {phenomenon} wording for type {t.name!r}")
+    tier = str(rng.choice(["head", "torso", "tail"], p=TIER_SHARES))
+    n_attributes = {"head": 0, "torso": 1, "tail": int(rng.integers(2, 4))}[tier]
+    if phenomenon in ("plain", "misspelt"):
+        stated = _stated_attributes(target, n_attributes, rng)
+        text = _plain_words(stated, t.name)
+        if phenomenon == "plain":
+            return text, stated, tier
+        typo = misspell(text, rng)
+        return (typo, stated, tier) if typo != text else None
+    if phenomenon == "synonym":
+        stated = _stated_attributes(target, n_attributes, rng)
+        return _plain_words(stated, _pick(SYNONYMS[t.name], rng)), stated, tier
+    if phenomenon == "paraphrase":
+        stated = _stated_attributes(target, max(n_attributes, 1), rng, among=("color", "material", "size"))
+        reworded = {a: _pick(attribute_wordings(a, v), rng) if v and attribute_wordings(a, v) else v for a, v in stated.items()}
+        if reworded == stated:
+            return None
+        return _plain_words(reworded, t.name), stated, tier
+    if phenomenon == "intent":
+        stated = _stated_attributes(target, min(n_attributes, 1), rng, among=("color", "size", "brand"))
+        intent = _pick(INTENTS[t.name], rng)
+        extra = next((v for v in stated.values() if v), None)
+        return (intent if extra is None else f"{intent} {extra}"), stated, "torso" if extra else "head"
+    if phenomenon == "complement":
+        noun, _, parent_words, sized = ACCESSORY_WORDING[t.name]
+        stated = _stated_attributes(target, min(n_attributes, 2), rng, among=("brand", "color") + (("size",) if sized else ()))
+        prefix = " ".join(w for w in (stated["brand"], stated["color"]) if w)
+        parent = " ".join(w for w in (stated["size"], parent_words) if w)
+        text = f"{prefix} {noun} for {_pick(('a', 'my'), rng)} {parent}".strip()
+        return text, stated, "tail" if any(stated.values()) else "torso"
+    if phenomenon == "model":
+        stated = _stated_attributes(target, 2, rng, among=("brand", "size"))
+        return f"{stated['brand']} {model_code(stated['brand'], t.name, stated['size']).lower()}", stated, "tail"
+    if phenomenon == "second_locale":
+        stated = _stated_attributes(target, min(n_attributes, 1), rng, among=("color",))
+        words = [t.spanish] + ([SPANISH_COLORS[stated["color"]]] if stated["color"] else [])
+        return " ".join(words), stated, tier
+    raise ValueError(f"unknown query phenomenon {phenomenon!r}")
+
+
+def generate_queries(n: int, rng: np.random.Generator, second_locale_fraction: float, products: pd.DataFrame) -> pd.DataFrame:
+    """Queries worded as shoppers word them, one phenomenon each (drawn by `phenomenon_shares`), with their
+    stated type and attributes: the attributes of a product of that type, so every query has an exact product.
+
+    `type` is None for brand-only queries; the other attribute columns are None
+    where the query does not state them. Repeated texts are skipped.
+    """
     type_weights = 1.0 / np.arange(1, len(TYPES) + 1) ** 0.6
+    shares = phenomenon_shares(second_locale_fraction)
+    names, p = list(shares), np.array(list(shares.values()))
+    by_type = {name: group.to_dict("records") for name, group in products.groupby("type")}
     rows, seen = [], set()
     attempts = 0
     while len(rows) < n and attempts < 50 * n:
         attempts += 1
-        t = TYPES[rng.choice(len(TYPES), p=type_weights / type_weights.sum())]
-        tier = rng.choice(["head", "torso", "tail"], p=[0.2, 0.4, 0.4])
-        n_attributes = {"head": 0, "torso": 1, "tail": int(rng.integers(2, 4))}[tier]
-        stated = dict.fromkeys(ATTRIBUTES)
-        for attribute in rng.choice(ATTRIBUTES, size=n_attributes, replace=False):
-            stated[attribute] = {
-                "brand": lambda: BRANDS[t.category][rng.integers(len(BRANDS[t.category]))],
-                "color": lambda: COLORS[rng.integers(len(COLORS))],
-                "material": lambda: t.materials[rng.integers(len(t.materials))],
-                "size": lambda: t.sizes[rng.integers(len(t.sizes))],
-            }[attribute]()
-        spanish = rng.random() < spanish_fraction and stated["brand"] is None and stated["material"] is None and stated["size"] is None
-        if spanish:
-            words = [t.spanish] + ([SPANISH_COLORS[stated["color"]]] if stated["color"] else [])
-            locale = "es_ES"
+        phenomenon = str(rng.choice(names, p=p))
+        if phenomenon == "brand":
+            brand = _pick(list(BRAND_CATEGORY), rng)
+            text, stated, tier, type_name, locale = brand, {**dict.fromkeys(ATTRIBUTES), "brand": brand}, "head", None, "en_US"
         else:
-            words = [w for w in (stated["brand"], stated["color"], stated["material"], t.name, stated["size"]) if w]
-            locale = "en_US"
-        text = " ".join(words)
-        if tier == "tail" and locale == "en_US" and rng.random() < 0.25:
-            text = misspell(text, rng)
+            eligible = np.array([has_wording(phenomenon, t.name) for t in TYPES])
+            weights = np.where(eligible, type_weights, 0.0)
+            t = TYPES[rng.choice(len(TYPES), p=weights / weights.sum())]
+            of_type = by_type.get(t.name)
+            if of_type is None:
+                continue
+            worded = word_query(phenomenon, t, of_type[rng.integers(len(of_type))], rng)
+            if worded is None:
+                continue
+            (text, stated, tier), type_name = worded, t.name
+            locale = "es_ES" if phenomenon == "second_locale" else "en_US"
         if text in seen:
             continue
         seen.add(text)
-        rows.append({"text": text, "locale": locale, "tier": tier, "type": t.name, **stated})
+        rows.append({"text": text, "locale": locale, "phenomenon": phenomenon, "tier": tier, "type": type_name, **stated})
     queries = pd.DataFrame(rows)
     queries.insert(0, "query_id", [f"Q{i:06d}" for i in range(len(queries))])
     split = rng.choice(["train", "dev", "test"], size=len(queries), p=[0.7, 0.15, 0.15])
@@ -226,18 +491,32 @@ def generate_queries(n: int, rng: np.random.Generator, spanish_fraction: float) 
 
 
 def gold_grade(query: pd.Series | dict, products: pd.DataFrame) -> np.ndarray:
-    """The guideline as code: the gold grade of every product for one query."""
-    t = TYPE_BY_NAME[query["type"]]
-    same_type = (products["type"] == t.name).to_numpy()
+    """The guideline as code: the gold grade of every product for one query.
+
+    A query that names no type (brand-only) is exact for every product its
+    stated attributes match and has no partial products.
+    """
     matches = np.ones(len(products), dtype=bool)
     for attribute in ATTRIBUTES:
         if query[attribute] is not None and not pd.isna(query[attribute]):
             matches &= (products[attribute] == query[attribute]).to_numpy()
-    related = products["type"].isin(t.siblings + t.complements).to_numpy()
     grade = np.zeros(len(products), dtype=np.int8)
+    if query["type"] is None or pd.isna(query["type"]):
+        grade[matches] = 2
+        return grade
+    t = TYPE_BY_NAME[query["type"]]
+    same_type = (products["type"] == t.name).to_numpy()
+    related = products["type"].isin(t.siblings + t.complements).to_numpy()
     grade[related | same_type] = 1
     grade[same_type & matches] = 2
     return grade
+
+
+def query_category(query: pd.Series | dict) -> str:
+    """The category of the query's type, or of its brand for a brand-only query."""
+    if query["type"] is None or pd.isna(query["type"]):
+        return BRAND_CATEGORY[query["brand"]]
+    return TYPE_BY_NAME[query["type"]].category
 
 
 def judged_pool(query_id: str, grades: np.ndarray, products: pd.DataFrame, category: str, rng: np.random.Generator) -> pd.DataFrame:
@@ -334,11 +613,11 @@ def generate_sample(config: SampleConfig) -> dict[str, pd.DataFrame]:
     """
     rng = np.random.default_rng(config.seed)
     products = generate_products(config.n_products, rng)
-    queries = generate_queries(config.n_queries, rng, config.second_locale_fraction)
+    queries = generate_queries(config.n_queries, rng, config.second_locale_fraction, products)
     pools, eval_frames = [], []
     for query in queries.to_dict("records"):
         grades = gold_grade(query, products)
-        pools.append(judged_pool(query["query_id"], grades, products, TYPE_BY_NAME[query["type"]].category, rng))
+        pools.append(judged_pool(query["query_id"], grades, products, query_category(query), rng))
         if query["split"] != "train":
             positive = grades > 0
             eval_frames.append(pd.DataFrame({"query_id": query["query_id"], "product_id": products["product_id"].to_numpy()[positive], "gold": grades[positive]}))

@@ -1,1 +1,1 @@
-"""Sharded FAISS index of the catalog (build, read, merge) and per-grade score thresholds."""
+"""Sharded FAISS + BM25 index of the catalog (build, read, merge), hybrid fusion, and per-grade score thresholds."""

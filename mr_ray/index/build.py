@@ -1,10 +1,12 @@
-"""Build the sharded FAISS index of the catalog, and the `index` pipeline stage.
+"""Build the sharded FAISS + BM25 index of the catalog, and the `index` pipeline stage.
 
 The catalog streams once through Ray Data encoder actors (`iter_embedded`);
 every `n_products / n_shards` embedded rows become one shard: its own FAISS
-index (any `index_factory` string, inner product) and product-id map, written
-out before the next shard fills, so build memory is bounded by one shard's
-vectors, not the catalog's.
+index (any `index_factory` string, inner product), product-id map and BM25
+index of the same titles, written out before the next shard fills, so build
+memory is bounded by one shard's vectors, not the catalog's. Then the fusion
+weight and every retrieval mode's grade thresholds are calibrated on the
+held-out split, searched on the shards just built.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import pyarrow.parquet as pq
 
 from mr_ray.config import EncoderConfig, IndexConfig
 from mr_ray.data.prepare import read_table
-from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_PRODUCTS_FILE
-from mr_ray.index.thresholds import calibrate_thresholds
+from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_LEXICAL_DIR, SHARD_PRODUCTS_FILE, open_shards, search_shards_both
+from mr_ray.index.thresholds import save_retrieval_thresholds
 from mr_ray.pipeline import read_manifest
+from mr_ray.retrieval import LexicalIndex, build_faiss_index, pair_scores
 from mr_ray.retriever.encoder import encode, iter_embedded, load_encoder
 
 # Trained encoders in the order they are preferred: Stage 2 refines Stage 1.
@@ -47,41 +50,14 @@ def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def build_faiss_index(vectors: np.ndarray, factory: str, search_params: str = "", train_size: int = 100_000, seed: int = 0):
-    """An inner-product FAISS index from `faiss.index_factory`, trained (if it needs it) and filled."""
-    import faiss
-
-    try:
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ValueError(f"index.factory {factory!r} is not a valid faiss index_factory string for dimension {vectors.shape[1]}: {err}") from None
-    if not index.is_trained:
-        train = vectors
-        if len(vectors) > train_size:
-            train = vectors[np.random.default_rng(seed).choice(len(vectors), train_size, replace=False)]
-        try:
-            index.train(train)
-        except RuntimeError as err:
-            raise ValueError(
-                f"index.factory {factory!r} cannot be trained on {len(train)} vectors (a shard this small needs fewer "
-                f"IVF lists or PQ centroids, or fewer shards): {str(err).splitlines()[-1] if str(err) else err}"
-            ) from None
-    index.add(vectors)
-    if search_params:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, search_params)
-        except RuntimeError as err:
-            raise ValueError(f"index.search_params {search_params!r} do not apply to {factory!r}: {err}") from None
-    return index
-
-
 def write_shard(folder: Path, index, product_ids: list[str], titles: list[str]) -> None:
-    """One shard folder: the FAISS index and its product-id map (row i = FAISS id i)."""
+    """One shard folder: the FAISS index, its product-id map (row i = FAISS id i) and a BM25 index of the same titles."""
     import faiss
 
     folder.mkdir(parents=True)
     faiss.write_index(index, str(folder / SHARD_INDEX_FILE))
     pq.write_table(pa.table({"product_id": product_ids, "title": titles}), folder / SHARD_PRODUCTS_FILE)
+    LexicalIndex.build(titles).save(folder / SHARD_LEXICAL_DIR)
 
 
 def build_index(
@@ -139,25 +115,35 @@ def calibration_pairs(prepared: Path, split: str) -> pd.DataFrame:
     return pairs
 
 
-def pair_scores(pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None) -> np.ndarray:
-    """Cosine score of each judged pair under the encoder that built the index.
+def calibrate_on_shards(index_dir: Path, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None) -> tuple[dict, float, dict]:
+    """Fusion weight and per-mode grade thresholds from the held-out split's judged pairs, searched on the built shards.
 
-    The split's few queries are encoded in the driver; the products' vectors
-    come from the index build.
+    The weight maximises the split's hybrid NDCG@10 over the dense and lexical
+    top-100; the thresholds sit on each mode's score of the judged pairs
+    (BM25 from each product's own shard, over the query's best BM25 in the index).
     """
-    missing = sorted(set(pairs["product_id"]) - product_vectors.keys())
-    if missing:
-        raise ValueError(f"judged product(s) not in the catalog, e.g. product_id {missing[0]!r} ({len(missing)} in all)")
-    texts = pairs["text"].drop_duplicates().tolist()
+    from mr_ray.index.fusion import normalise_lexical
+    from mr_ray.index.thresholds import calibrate_retrieval, choose_fusion_weight
+
+    shards = open_shards(index_dir)
     model = load_encoder(model_path, "auto", encoder_cfg.max_seq_length)
-    query_vectors = dict(zip(texts, encode(model, texts, encoder_cfg.batch_size)))
-    q = np.stack([query_vectors[text] for text in pairs["text"]])
-    p = np.stack([product_vectors[pid] for pid in pairs["product_id"]])
-    return np.einsum("ij,ij->i", q, p)
+    queries = pairs[["query_id", "text"]].drop_duplicates("query_id")
+    texts = queries["text"].tolist()
+    candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode(model, texts, encoder_cfg.batch_size), texts, 100)))
+    weight, weights_ndcg = choose_fusion_weight(candidates, pairs)
+    dense = pair_scores(model, pairs, encoder_cfg.batch_size, product_vectors)  # also refuses products not in the catalog
+    lexical, best = np.zeros(len(pairs)), np.zeros(len(pairs))
+    for shard in shards:  # each pair's BM25 in its product's shard, over its query's best BM25 in any shard
+        product_row = pairs["product_id"].map({pid: i for i, pid in enumerate(shard.product_ids[:-1])}).fillna(-1).astype(int).to_numpy()
+        here, best_here = shard.lexical.pair_scores(pairs["text"].tolist(), product_row)
+        lexical, best = lexical + here, np.maximum(best, best_here)
+    lexical_norm = normalise_lexical(lexical, best)
+    by_mode, report = calibrate_retrieval(dense, lexical_norm, pairs["grade"].to_numpy(), weight)
+    return by_mode, weight, {**report, "weights_ndcg@10": {str(w): round(v, 4) for w, v in weights_ndcg.items()}}
 
 
 def index_stage(ctx) -> dict:
-    """Pipeline stage `index`: sharded FAISS index of the prepared catalog + grade thresholds."""
+    """Pipeline stage `index`: sharded FAISS + BM25 index of the prepared catalog, fusion weight and grade thresholds."""
     import ray
 
     config, prepared = ctx.config, ctx.input("prepare")
@@ -167,8 +153,6 @@ def index_stage(ctx) -> dict:
     started = time.perf_counter()
     shards, kept = build_index(products, ctx.out, config.index, config.encoder, model_path, set(pairs["product_id"]))
     n_products = sum(shard["products"] for shard in shards)
-    thresholds, report = calibrate_thresholds(pair_scores(pairs, kept, config.encoder, model_path), pairs["grade"].to_numpy())
-    thresholds.save(ctx.out, {"split": config.index.calibration_split, **report})
     # The stage folder is renamed to run_dir/index when it finishes: store trained
     # encoders relative to that final place.
     stored_path = model_path
@@ -185,6 +169,9 @@ def index_stage(ctx) -> dict:
         "shards": shards,
     }
     (ctx.out / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    by_mode, weight, report = calibrate_on_shards(ctx.out, pairs, kept, config.encoder, model_path)
+    save_retrieval_thresholds(ctx.out, by_mode, weight, {mode: {"split": config.index.calibration_split, **r} if mode in by_mode else r for mode, r in report.items()})
+    thresholds = by_mode["dense"]
     return {
         "products": n_products,
         "shards": len(shards),
@@ -193,5 +180,8 @@ def index_stage(ctx) -> dict:
         "build_s": round(time.perf_counter() - started, 2),
         "threshold_exact": round(thresholds.exact, 4),
         "threshold_partial": round(thresholds.partial, 4),
-        **{f"calibration_bacc_{b}": v for b, v in report["balanced_accuracy"].items()},
+        **{f"calibration_bacc_{b}": v for b, v in report["dense"]["balanced_accuracy"].items()},
+        "fusion_weight": weight,
+        "dev_ndcg@10": {"dense": report["weights_ndcg@10"]["1.0"], "lexical": report["weights_ndcg@10"]["0.0"], "hybrid": report["weights_ndcg@10"][str(weight)]},
+        **{f"hybrid_calibration_bacc_{b}": v for b, v in report["hybrid"]["balanced_accuracy"].items()},
     }

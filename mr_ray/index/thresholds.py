@@ -5,6 +5,11 @@ grade boundary works for every query: "show exact, then substitutes, cut the
 irrelevant". Each boundary (2|1 and 1|0) gets the threshold that maximises
 Youden's J (true-positive rate minus false-positive rate, i.e. balanced
 accuracy) on judged pairs of a held-out split, with the encoder that serves.
+
+Under hybrid retrieval the score is the weighted fusion of cosine and
+normalised BM25 (mr_ray.index.fusion): its weight is the one with the best
+held-out NDCG@10, and each retrieval mode (dense: cosine, lexical: normalised
+BM25, hybrid: fused) gets its own thresholds on the score it returns.
 """
 
 from __future__ import annotations
@@ -83,3 +88,56 @@ def calibrate_thresholds(scores, grades) -> tuple[GradeThresholds, dict]:
         },
     }
     return GradeThresholds(exact=exact, partial=partial), report
+
+
+FUSION_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
+
+
+def choose_fusion_weight(candidates: dict, judgments, weights=FUSION_WEIGHTS) -> tuple[float, dict[float, float]]:
+    """The weight whose hybrid ranking has the best NDCG@10 on judged queries ({query_id: Candidates});
+    ties go to the larger weight (more dense). Returns it and every weight's NDCG@10."""
+    from mr_ray.config import EvaluateConfig
+    from mr_ray.evaluate import evaluate_retrieval
+
+    config = EvaluateConfig()
+    ndcg = {}
+    for weight in weights:
+        run = {qid: {row["product_id"]: row["score"] for row in c.ranked("hybrid", weight, config.recall_k)} for qid, c in candidates.items()}
+        ndcg[weight] = evaluate_retrieval(run, judgments, config)["ndcg@10"]
+    best = max(weights, key=lambda w: (round(ndcg[w], 6), w))
+    return best, ndcg
+
+
+def calibrate_retrieval(dense, lexical_normalised, grades, weight: float) -> tuple[dict[str, GradeThresholds], dict]:
+    """Thresholds of every retrieval mode on its own score of the same judged pairs."""
+    from mr_ray.index.fusion import weighted_fusion
+
+    scores = {"dense": np.asarray(dense, dtype=np.float64), "lexical": np.asarray(lexical_normalised, dtype=np.float64)}
+    scores["hybrid"] = weighted_fusion(scores["dense"], scores["lexical"], weight)
+    calibrated = {mode: calibrate_thresholds(values, grades) for mode, values in scores.items()}
+    return {mode: t for mode, (t, _) in calibrated.items()}, {mode: r for mode, (_, r) in calibrated.items()}
+
+
+def save_retrieval_thresholds(folder: Path, by_mode: dict[str, GradeThresholds], weight: float, report: dict) -> None:
+    """thresholds.json: the dense thresholds at the top (as before hybrid), every mode's and the fusion weight under `retrieval`."""
+    dense = by_mode["dense"]
+    payload = {
+        **asdict(dense),
+        "calibration": report.get("dense", {}),
+        "retrieval": {"weight": weight, **{mode: {**asdict(t), "calibration": report.get(mode, {})} for mode, t in by_mode.items()}, "weights_ndcg@10": report.get("weights_ndcg@10", {})},
+    }
+    (Path(folder) / THRESHOLDS_FILE).write_text(json.dumps(payload, indent=2))
+
+
+def load_retrieval_thresholds(folder: Path) -> tuple[dict[str, GradeThresholds], float | None]:
+    """Thresholds per retrieval mode and the fusion weight; an index built before hybrid retrieval has dense only (weight None)."""
+    path = Path(folder) / THRESHOLDS_FILE
+    dense = GradeThresholds.load(folder)
+    raw = json.loads(path.read_text()).get("retrieval")
+    if raw is None:
+        return {"dense": dense}, None
+    try:
+        modes = {mode: GradeThresholds(exact=float(raw[mode]["exact"]), partial=float(raw[mode]["partial"])) for mode in ("dense", "lexical", "hybrid")}
+        return modes, float(raw["weight"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read retrieval thresholds: {err!r}") from None

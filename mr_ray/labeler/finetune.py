@@ -136,10 +136,50 @@ def freeze_lower_layers(model, train_layers: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def checkpointed_training(core, optimizer, cfg: JudgeFinetuneConfig, steps_per_epoch: int, batch_loss, extra_metrics: dict, trainable_only: bool = False) -> None:
+    """The Ray Train worker body of both judge kinds: resume from the latest checkpoint, run the epochs over the
+    "train" shard (skipping the batches a resumed epoch already trained), report every step and checkpoint every
+    `cfg.checkpoint_every` steps and at the end. `trainable_only` checkpoints just the trained parameters."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    step, start_epoch = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", weights_only=False)
+        core.load_state_dict(state["model"], strict=not trainable_only)
+        optimizer.load_state_dict(state["optimizer"])
+        step, start_epoch = state["step"], state["epoch"]
+
+    shard = ray.train.get_dataset_shard("train")
+    core.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        skip = step - epoch * steps_per_epoch  # batches of this epoch already trained
+        for index, batch in enumerate(shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas")):
+            if index < skip:
+                continue
+            started = time.perf_counter()
+            loss = batch_loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            metrics = {"loss": float(loss), "step": step, "epoch": epoch, "step_s": time.perf_counter() - started, **extra_metrics}
+            last = step == steps_per_epoch * cfg.epochs
+            if (step % cfg.checkpoint_every == 0 or last) and ray.train.get_context().get_world_rank() == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    names = _trainable_names(core) if trainable_only else None
+                    kept = {k: v for k, v in core.state_dict().items() if names is None or k in names}
+                    torch.save({"model": kept, "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, Path(folder) / "state.pt")
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: class-balanced grade-token fine-tune with periodic checkpoints and resume."""
     import ray.train
-    from ray.train import Checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = JudgeFinetuneConfig.model_validate(loop_config["finetune"])
@@ -150,41 +190,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     scorer = PrefixScorer(model, tokenizer, chat_frame(tokenizer))
-    loss_fn = GradeTokenLoss(torch.tensor(loop_config["class_weights"]))
+    loss_fn = GradeTokenLoss(torch.tensor(loop_config["class_weights"] if cfg.class_weighted else [1.0, 1.0, 1.0]))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
-    step, start_epoch = 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", weights_only=False)
-        core.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, start_epoch = state["step"], state["epoch"]
+    def batch_loss(batch: pd.DataFrame) -> torch.Tensor:
+        logits = scorer.grade_logits(list(batch["user"]))
+        return loss_fn(logits, torch.tensor(batch["grade"].to_numpy(), dtype=torch.long))
 
-    shard = ray.train.get_dataset_shard("train")
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        skip = step - epoch * loop_config["steps_per_epoch"]  # batches of this epoch already trained
-        for index, batch in enumerate(shard.iter_batches(batch_size=cfg.batch_size, batch_format="pandas")):
-            if index < skip:
-                continue
-            started = time.perf_counter()
-            logits = scorer.grade_logits(list(batch["user"]))
-            loss = loss_fn(logits, torch.tensor(batch["grade"].to_numpy(), dtype=torch.long))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            metrics = {"loss": float(loss), "step": step, "epoch": epoch, "step_s": time.perf_counter() - started, "trainable_params": trainable}
-            last = step == loop_config["steps_per_epoch"] * cfg.epochs
-            if (step % cfg.checkpoint_every == 0 or last) and ray.train.get_context().get_world_rank() == 0:
-                with tempfile.TemporaryDirectory() as folder:
-                    trained = {k: v for k, v in core.state_dict().items() if k in _trainable_names(core)}
-                    torch.save({"model": trained, "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch}, Path(folder) / "state.pt")
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
-            else:
-                ray.train.report(metrics)
+    checkpointed_training(core, optimizer, cfg, loop_config["steps_per_epoch"], batch_loss, {"trainable_params": trainable}, trainable_only=True)
     if ray.train.get_context().get_world_rank() == 0:
         core.save_pretrained(loop_config["output_dir"], safe_serialization=True)
         tokenizer.save_pretrained(loop_config["output_dir"])
@@ -194,8 +207,8 @@ def _trainable_names(model) -> set[str]:
     return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneConfig, storage_dir: Path, output_dir: Path) -> dict:
-    """Run the Ray Train fine-tune; the model folder lands in `output_dir`. Returns training metrics."""
+def run_trainer(loop, examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneConfig, storage_dir: Path, output_dir: Path, name: str) -> dict:
+    """Run a judge's Ray Train loop over `examples` (resuming from `storage_dir`); returns training metrics."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -204,7 +217,7 @@ def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneC
     weights = class_weights(examples["grade"].to_numpy())
     steps_per_epoch = int(np.ceil(len(examples) / (cfg.batch_size * cfg.num_workers)))
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={
             "finetune": cfg.model_dump(mode="json"),
             "base_model": str(base_model),
@@ -215,8 +228,8 @@ def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneC
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
         ),
-        run_config=RunConfig(name="judge-finetune", storage_path=str(Path(storage_dir).resolve())),
-        datasets={"train": ray.data.from_pandas(examples[PROMPT_COLUMNS])},
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_dir).resolve())),
+        datasets={"train": ray.data.from_pandas(examples)},
     )
     started = time.perf_counter()
     result = trainer.fit()
@@ -224,7 +237,7 @@ def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneC
     return {
         "train_examples": int(len(examples)),
         "train_grade_counts": {int(g): int(n) for g, n in examples["grade"].value_counts().sort_index().items()},
-        "class_weights": [round(float(w), 4) for w in weights],
+        "class_weights": [round(float(w), 4) for w in weights] if cfg.class_weighted else None,
         "steps": int(losses.get("step", 0)),
         "final_loss": float(losses.get("loss", float("nan"))),
         "mean_step_s": float(losses.get("step_s", float("nan"))),
@@ -232,6 +245,11 @@ def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneC
         "train_layers": cfg.train_layers,
         "train_wall_s": round(time.perf_counter() - started, 1),
     }
+
+
+def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneConfig, storage_dir: Path, output_dir: Path) -> dict:
+    """Run the Ray Train fine-tune; the model folder lands in `output_dir`. Returns training metrics."""
+    return run_trainer(train_loop_per_worker, examples[PROMPT_COLUMNS], base_model, cfg, storage_dir, output_dir, "judge-finetune")
 
 
 def grade_logits_transformers(model_path: Path, user_turns: list[str], batch_size: int = 16) -> np.ndarray:

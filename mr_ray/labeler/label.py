@@ -1,10 +1,15 @@
 """Batch labeling with the judge: Ray Data + vLLM (`ray.data.llm`), resumable by shard.
 
-Each pair becomes one guideline-prefixed prompt; vLLM runs one decoding step
-and returns the log-probabilities of exactly the three grade tokens
-(`SamplingParams.logprob_token_ids`), which `prompt.normalise_logprobs` turns
-into a grade, per-grade probabilities and a confidence. The guideline is the
-same token prefix for every prompt, so vLLM's prefix cache computes it once.
+One labeling path for both judge kinds (`mr_ray.labeler.judge`): the judge
+turns each pair into an engine row and gives the processor that scores it;
+everything else here (shards, resume, averaging variants, the judgment table)
+is shared. For the causal LM each pair becomes one guideline-prefixed prompt;
+vLLM runs one decoding step and returns the log-probabilities of exactly the
+three grade tokens (`SamplingParams.logprob_token_ids`), which
+`prompt.normalise_logprobs` turns into a grade, per-grade probabilities and a
+confidence. The guideline is the same token prefix for every prompt, so vLLM's
+prefix cache computes it once. The cross-encoder's rows are token-id pairs
+scored by vLLM's pooling runner (classify), whose probabilities enter as logs.
 
 Resumability: pairs are ordered and cut into shards of `shard_rows`; a shard
 is written (temp file, then rename) as soon as all its rows came back, and a
@@ -30,8 +35,6 @@ from mr_ray.config import JudgeEngineConfig
 from mr_ray.labeler.prompt import (
     PRODUCT_FIELDS,
     PromptError,
-    chat_frame,
-    grade_token_ids,
     grades_from_probabilities,
     normalise_logprobs,
     render_pair,
@@ -50,17 +53,18 @@ ALL_FIELDS = ("title", "brand", "color", "category", "description")
 LABEL_COLUMNS = ["query_id", "product_id", "variant", "lp0", "lp1", "lp2", "error"]
 
 
-def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preprocess, postprocess):
-    """A `ray.data.llm` vLLM processor over rows that already carry their prompt text."""
+def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preprocess, postprocess, task_type: str = "generate"):
+    """A `ray.data.llm` vLLM processor over rows that already carry their prompt (text or token ids)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     on_gpu = engine.num_gpus_per_replica > 0
     bundle = {"GPU": engine.num_gpus_per_replica, "CPU": 1} if on_gpu else {"CPU": 1}
     config = vLLMEngineProcessorConfig(
         model_source=str(model_path),
+        task_type=task_type,
         engine_kwargs={
             "enforce_eager": not on_gpu,  # CPU: no graph capture
-            "enable_prefix_caching": True,  # the guideline prefix is shared by every prompt
+            "enable_prefix_caching": task_type == "generate",  # the guideline prefix is shared by every prompt
             "max_model_len": engine.max_model_len,
             "max_num_seqs": engine.max_num_seqs,
             "tensor_parallel_size": engine.tensor_parallel_size,
@@ -152,11 +156,11 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 
 def _prepare_shard_dir(shard_dir: Path, prompts: pd.DataFrame, model_path: str | Path, shard_rows: int) -> None:
-    """Shards are only reused for the same prompts, model and shard size; anything else starts clean."""
+    """Shards are only reused for the same engine rows, model and shard size; anything else starts clean."""
     digest = hashlib.sha256()
     digest.update(f"{model_path}\x1f{shard_rows}".encode())
-    for column in ("query_id", "product_id", "variant", "prompt"):
-        digest.update("\x1f".join(map(str, prompts[column])).encode())
+    for column in sorted(c for c in prompts.columns if c != "shard"):
+        digest.update(column.encode() + b"\x1e" + "\x1f".join(map(str, prompts[column])).encode())
     identity = {"prompts_hash": digest.hexdigest()[:16], "rows": int(len(prompts))}
     marker = shard_dir / "input.json"
     if shard_dir.exists():
@@ -172,11 +176,12 @@ def _prepare_shard_dir(shard_dir: Path, prompts: pd.DataFrame, model_path: str |
 
 
 def run_judge(
-    prompts: pd.DataFrame, model_path: str | Path, engine: JudgeEngineConfig, shard_dir: Path, shard_rows: int, log=print
+    prompts: pd.DataFrame, model_path: str | Path, engine: JudgeEngineConfig, shard_dir: Path, shard_rows: int, make_processor, log=print
 ) -> pd.DataFrame:
-    """Grade-token log-probabilities for every prompt row, through Ray Data + vLLM, resumable by shard."""
+    """Per-grade log-probabilities (lp0..lp2) for every engine row, through Ray Data + vLLM, resumable by shard.
+
+    `make_processor()` builds the judge's `ray.data.llm` processor (only when some shard is still to do)."""
     import ray
-    from transformers import AutoTokenizer
 
     shard_dir = Path(shard_dir)
     prompts = prompts.sort_values(["query_id", "product_id", "variant"], kind="stable").reset_index(drop=True)
@@ -186,11 +191,10 @@ def run_judge(
     todo = prompts[~prompts["shard"].isin(done)]
     log(f"[label] {len(prompts)} prompts in {prompts['shard'].nunique()} shards; {len(done)} already done")
     if len(todo):
-        grade_ids = grade_token_ids(AutoTokenizer.from_pretrained(str(model_path)))
         shard_of = dict(zip(zip(todo["query_id"], todo["product_id"], todo["variant"]), todo["shard"]))
         expected = todo.groupby("shard").size().to_dict()
         pending: dict[int, list[dict]] = defaultdict(list)
-        processor = judge_processor(model_path, engine, grade_ids)
+        processor = make_processor()
         rows = todo.drop(columns=["shard"])
         # One block per engine batch, so finished batches stream back (and shards get written) early.
         ds = ray.data.from_pandas([rows.iloc[i : i + engine.batch_size] for i in range(0, len(rows), engine.batch_size)])
@@ -235,17 +239,18 @@ def label_pairs(
     source: str = "llm",
     log=print,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Judge (query_id, product_id) pairs: judgments with grade, p0..p2, confidence; and the malformed/failed pairs."""
-    from transformers import AutoTokenizer
+    """Judge (query_id, product_id) pairs with the judge in `model_path` (either kind, told by its folder):
+    judgments with grade, p0..p2, confidence; and the malformed/failed pairs."""
+    from mr_ray.labeler.judge import judge_of_model
 
-    frame = chat_frame(AutoTokenizer.from_pretrained(str(model_path)))
-    prompts, malformed = render_prompts(pair_texts(pairs, queries, products), frame, variants)
+    judge = judge_of_model(model_path)
+    prompts, malformed = judge.engine_rows(pair_texts(pairs, queries, products), model_path, variants)
     if len(malformed):
         log(f"[label] skipped {len(malformed)} malformed pair(s), e.g. {malformed.iloc[0].to_dict()}")
     if prompts.empty:
         empty, _ = judgments_from_logprobs(pd.DataFrame(columns=LABEL_COLUMNS), source)
         return empty, malformed
-    scored = run_judge(prompts, model_path, engine, shard_dir, shard_rows, log=log)
+    scored = run_judge(prompts, model_path, engine, shard_dir, shard_rows, lambda: judge.processor(model_path, engine), log=log)
     judgments, failed = judgments_from_logprobs(scored, source)
     if len(failed):
         log(f"[label] {len(failed)} engine failure row(s), e.g. {failed.iloc[0].to_dict()}")

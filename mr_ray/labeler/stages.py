@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 
 from mr_ray.config import section_hash
 from mr_ray.labeler import audit, finetune, label, synthesize
+from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.model import base_model_folder
-from mr_ray.labeler.prompt import grades_from_probabilities, normalise_logprobs, within_one_accuracy
+from mr_ray.labeler.prompt import grades_from_probabilities, within_one_accuracy
+from mr_ray.labeler.report import judge_metrics
 from mr_ray.pipeline import StageContext, read_manifest
-from mr_ray.schema import DataError, conform
+from mr_ray.schema import JUDGMENTS, QUERIES, DataError, conform
 
 
 def _read(folder: Path) -> pd.DataFrame | None:
@@ -56,10 +58,11 @@ def _accuracy(judged: pd.DataFrame, truth: pd.DataFrame, prefix: str) -> dict:
 
 
 def judge_finetune_stage(ctx: StageContext) -> dict:
-    """Fine-tune the judge on the train split's human labels, score the held-out queries' labels."""
+    """Fine-tune the judge (`judge.kind`) on the train split's human labels, score the held-out queries' labels."""
     cfg = ctx.config.judge
+    judge = judge_of_kind(cfg.kind)
     prep = ctx.input("prepare")
-    base = base_model_folder(cfg.model, ctx.run_dir / "cache")
+    base = judge.base_model(cfg.model, ctx.run_dir / "cache")
     queries, products, judgments = (_read(prep / name) for name in ("queries", "products", "judgments"))
     human = judgments[judgments["source"] == "human"]
     if "split" in queries and queries["split"].notna().any():
@@ -68,21 +71,31 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
         raise DataError("no human labels on train-split queries to fine-tune the judge on", file=str(prep / "judgments"))
     train_labels, holdout_labels = finetune.split_holdout(human, cfg.finetune.holdout_fraction, cfg.finetune.seed)
     examples = finetune.balanced_subsample(
-        finetune.training_examples(train_labels, queries, products), cfg.finetune.max_examples, cfg.finetune.seed
+        judge.examples(train_labels, queries, products, cfg.finetune), cfg.finetune.max_examples, cfg.finetune.seed
     )
-    storage = _cache(ctx, f"judge-train-{section_hash(cfg.finetune)}-{section_hash({'model': str(base), 'pairs': sorted(examples['query_id'] + '|' + examples['product_id'])})}")
-    metrics = finetune.finetune_judge(examples, base, cfg.finetune, storage, ctx.out / "model")
+    storage = _cache(ctx, f"judge-train-{cfg.kind}-{section_hash(cfg.finetune)}-{section_hash({'model': str(base), 'pairs': sorted(examples['query_id'] + '|' + examples['product_id'])})}")
+    metrics = judge.finetune(examples, base, cfg.finetune, storage, ctx.out / "model")
 
-    holdout = finetune.training_examples(holdout_labels, queries, products)
+    holdout = judge.examples(holdout_labels, queries, products, cfg.finetune)
     if cfg.finetune.max_holdout is not None and len(holdout) > cfg.finetune.max_holdout:
         holdout = holdout.sample(n=cfg.finetune.max_holdout, random_state=cfg.finetune.seed)
     started = time.perf_counter()
-    probabilities, _ = normalise_logprobs(finetune.grade_logits_transformers(ctx.out / "model", list(holdout["user"])))
+    probabilities = judge.probabilities(ctx.out / "model", holdout)
     predicted, _ = grades_from_probabilities(probabilities)
     truth = holdout["grade"].to_numpy().astype(int)
     majority = int(train_labels["grade"].mode()[0])  # the most common human grade in the training labels
+    evaluation = judge_metrics(truth, probabilities)
+    gold = _read(prep / "gold")
+    if gold is not None:  # the sample catalog: the same held-out pairs against their true grades
+        with_gold = holdout[["query_id", "product_id"]].assign(row=np.arange(len(holdout))).merge(gold[["query_id", "product_id", "grade"]], on=["query_id", "product_id"])
+        if len(with_gold):
+            rows = with_gold["row"].to_numpy()
+            evaluation["gold"] = judge_metrics(with_gold["grade"], probabilities[rows])
+            evaluation["gold"]["human_accuracy"] = float((truth[rows] == with_gold["grade"].to_numpy()).mean())
     metrics.update(
         {
+            "kind": cfg.kind,
+            "holdout_eval": evaluation,
             "base_model": str(base),
             "train_labels_available": int(len(train_labels)),
             "holdout_pairs": int(len(holdout)),
@@ -216,17 +229,26 @@ def audit_stage(ctx: StageContext) -> dict:
 
 
 def synthesize_stage(ctx: StageContext) -> dict:
-    """Synthetic queries for products without any, graded by the judge: source=synthetic."""
+    """Synthetic queries for products without any, written by a causal LM, graded by the judge: source=synthetic.
+
+    With no writer configured the stage writes empty tables and says so in its metrics."""
     from transformers import AutoTokenizer
 
     cfg, prep = ctx.config.judge, ctx.input("prepare")
     scfg = cfg.synthesize
+    if scfg.writer is None:
+        probabilities = [pa.field(p, pa.float32()) for p in ("p0", "p1", "p2")]
+        for name, schema in (("queries", QUERIES.schema), ("judgments", pa.schema([*JUDGMENTS.schema, *probabilities]))):
+            (ctx.out / name).mkdir(parents=True)
+            pq.write_table(schema.empty_table(), ctx.out / name / "part-00000.parquet")
+        return {"skipped": "no writer configured (judge.synthesize.writer: null): no synthetic queries"}
     products, queries = _read(prep / "products"), _read(prep / "queries")
     judged_pairs = pd.concat([t for t in (_read(prep / "judgments"), _read(prep / "pool")) if t is not None])
     chosen = synthesize.products_without_queries(products, judged_pairs, scfg.max_products, scfg.seed)
     model = _judge_model(ctx)
-    prompts = synthesize.writer_prompts(chosen, AutoTokenizer.from_pretrained(str(model)), scfg.samples_per_product, scfg.seed)
-    generated = synthesize.generate_queries(prompts, model, cfg.engine, scfg)
+    writer = base_model_folder(None if scfg.writer == "packaged" else scfg.writer, ctx.run_dir / "cache")
+    prompts = synthesize.writer_prompts(chosen, AutoTokenizer.from_pretrained(str(writer)), scfg.samples_per_product, scfg.seed)
+    generated = synthesize.generate_queries(prompts, writer, cfg.engine, scfg)
     kept, counts = synthesize.filter_queries(generated, chosen, set(queries["text"]), scfg)
     kept["query_id"] = [synthesize.synthetic_query_id(t) for t in kept["text"]]
     graded, failed = label.label_pairs(
@@ -240,6 +262,7 @@ def synthesize_stage(ctx: StageContext) -> dict:
     _write(new_judgments, ctx.out / "judgments")
     _write(generated, ctx.out / "generated")
     return {
+        "writer": str(writer),
         "products_without_queries": int(len(chosen)),
         **counts,
         "graded": int(len(graded)),

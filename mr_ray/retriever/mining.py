@@ -12,32 +12,20 @@ samples are kept per query:
   of the mean similarities on either side, and a product's hardness is how far
   it sits on the wrong side (t - s for the upper side, s - t for the lower).
 
-The mined pairs are then re-annotated, by the fine-tuned LLM judge
-(mr_ray.labeler, Ray Data + vLLM) or, for data without a judge run, from a
+The mined pairs are then re-annotated, by the fine-tuned judge (cross-encoder
+or causal LM; mr_ray.labeler, Ray Data + vLLM) or, for data without a judge run, from a
 grades table, and written with `source=mined`.
 """
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pandas as pd
 
 from mr_ray.config import MineConfig
+from mr_ray.retrieval import build_faiss_index
 
 MINED_SOURCE = "mined"
-
-
-def build_index(vectors: np.ndarray, factory: str) -> faiss.Index:
-    """A FAISS inner-product index from an `index_factory` string, trained if it needs training."""
-    try:
-        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ValueError(f"mine.index_factory {factory!r} is not a valid FAISS index_factory string: {err}") from None
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    return index
 
 
 def boundary_hardness(scores: np.ndarray, grades: np.ndarray) -> np.ndarray:
@@ -63,7 +51,7 @@ def mine_hard_samples(
     config: MineConfig,
 ) -> pd.DataFrame:
     """Hard samples per query: columns query_id, product_id, reason, rank (-1: not in the top-k), score."""
-    index = build_index(product_vectors, config.index_factory)
+    index = build_faiss_index(product_vectors, config.index_factory, setting="mine.index_factory")
     k = min(config.k, len(product_ids))
     scores, rows = index.search(query_vectors, k)
     row_of = {pid: i for i, pid in enumerate(product_ids)}
@@ -109,7 +97,8 @@ def annotate(mined: pd.DataFrame, grades: pd.DataFrame, unjudged_grade: int | No
 
 
 def judge_grades(ctx, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Re-annotate mined pairs with the fine-tuned LLM judge (Ray Data + vLLM, resumable shards)."""
+    """Re-annotate mined pairs with the fine-tuned judge, of whichever kind (`mr_ray.labeler.label.label_pairs`:
+    Ray Data + vLLM, resumable shards)."""
     from mr_ray.config import section_hash
     from mr_ray.labeler.label import label_pairs
     from mr_ray.pipeline import expected_identity
@@ -128,13 +117,14 @@ def judge_grades(ctx, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.D
 def mine_stage(ctx) -> dict:
     """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
 
+    from mr_ray.retrieval import embed_catalog
     from mr_ray.retriever.encoder import embed_dataset, in_blocks
     from mr_ray.retriever.train import labeler_outputs, read_frame, training_set
 
     config, encoder = ctx.config.mine, ctx.config.encoder
     model = str(ctx.input("stage1") / "model")
     products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, config.max_queries, labeler_outputs(ctx))
-    product_ids, product_vectors = embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", encoder, model)
+    product_ids, product_vectors = embed_catalog(products, encoder, model)
     query_ids, query_vectors = embed_dataset(in_blocks(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
     mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
     failed = 0

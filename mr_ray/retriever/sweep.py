@@ -48,13 +48,14 @@ def apply_params(stage: str, config: RunConfig, params: dict) -> RunConfig:
 
 def dev_ndcg(model, products: pd.DataFrame, queries: pd.DataFrame, truth: pd.DataFrame, batch_size: int) -> float:
     """Dev NDCG@10 of an in-memory encoder: full-catalog exact search (mr_ray.evaluate)."""
-    from mr_ray.evaluate import evaluate_retrieval, search
+    from mr_ray.evaluate import evaluate_retrieval
+    from mr_ray.retrieval import dense_search
     from mr_ray.retriever.encoder import encode
 
     model.eval()
     product_vectors = encode(model, products["title"].tolist(), batch_size)
     query_vectors = encode(model, queries["text"].tolist(), batch_size)
-    run = search(products["product_id"].to_numpy(), product_vectors, queries["query_id"], query_vectors, 10)
+    run = dense_search(products["product_id"].to_numpy(), product_vectors, queries["query_id"], query_vectors, 10)
     return evaluate_retrieval(run, truth, EvaluateConfig(split="dev", recall_k=10))[OBJECTIVE]
 
 

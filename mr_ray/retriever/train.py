@@ -183,7 +183,7 @@ class TwoTower(torch.nn.Module):
 def run_epoch(towers, frames: Iterable[pd.DataFrame], terms, optimizer, scheduler, products_per_query: int, rng, device) -> dict:
     """One pass over `frames` (batches of query rows) with a `TwoTower` (or its DDP wrapper); returns mean loss, steps, pairs/s.
 
-    pairs/s counts from the first batch in hand, as bench/st_recipe.py's StepTimer times
+    pairs/s counts from the first batch in hand, as mr_ray.retriever.st_baseline's StepTimer times
     the peer's Trainer; the wait for that first batch (the data pipeline starting) is `first_batch_s`.
     """
     towers.train()
@@ -256,6 +256,9 @@ def train_loop_per_worker(loop: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.epochs):
         rng = np.random.default_rng([config.seed, epoch, rank])
+        # Dropout's torch generator is seeded per epoch too, so a run resumed at this epoch
+        # trains exactly as an uninterrupted one (tests/test_drills.py kills a worker to check).
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, epoch, rank]).generate_state(1)[0]))
         frames = shard.iter_batches(
             batch_size=config.queries_per_batch,
             batch_format="pandas",

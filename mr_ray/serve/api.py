@@ -6,6 +6,8 @@ are checked by the ingress, which knows them; everything else is checked here.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mr_ray.grades import Grade
@@ -21,6 +23,9 @@ class SearchRequest(BaseModel):
     min_grade: Grade | None = Field(
         None, description="drop products predicted below this grade: 2 = exact only, 1 = exact and substitutes/complements"
     )
+    retrieval: Literal["dense", "lexical", "hybrid"] | None = Field(
+        None, description="dense (FAISS), lexical (BM25) or hybrid (their weighted fusion); default set by the service"
+    )
 
     @field_validator("query")
     @classmethod
@@ -33,14 +38,22 @@ class SearchRequest(BaseModel):
 class Product(BaseModel):
     product_id: str
     title: str
-    score: float = Field(description="cosine similarity of query and product")
-    grade: Grade = Field(description="predicted grade tier from the calibrated score thresholds")
+    score: float = Field(
+        description="the ranking score of the request's retrieval: cosine (dense), BM25 over the query's best BM25 (lexical), "
+        "or their weighted fusion (hybrid)"
+    )
+    dense_score: float = Field(description="cosine similarity of query and product")
+    lexical_score: float = Field(description="BM25 score of the product's title (0: no word in common)")
+    found_by: list[Literal["dense", "lexical"]] = Field(description="the retrievers whose top-k held the product")
+    grade: Grade = Field(description="predicted grade tier from the score thresholds calibrated for this retrieval")
     grade_name: str
 
 
 class SearchResponse(BaseModel):
     query: str
     k: int
+    retrieval: Literal["dense", "lexical", "hybrid"]
+    took_ms: float = Field(description="time the service spent on the request")
     results: list[Product]
     missing_shards: list[str] = Field(description="shards that did not answer; the results come from the others")
     shards: int

@@ -1,8 +1,14 @@
-"""Online search on Ray Serve: query encoder + one searcher per FAISS shard + HTTP ingress.
+"""Online search on Ray Serve: query encoder + one searcher per shard (FAISS + BM25) + HTTP ingress.
 
     HTTP -> SearchIngress --(one query)--> QueryEncoder (batched, autoscaled)
-                         \--(its vector)--> ShardSearcher_0 .. ShardSearcher_{n-1} (in parallel)
-                         <-- merged top-k, each product with its predicted grade tier
+                         \--(its vector and text)--> ShardSearcher_0 .. ShardSearcher_{n-1} (in parallel)
+                         <-- fused top-k, each product with its predicted grade tier and the retrievers that found it
+
+Each shard answers both halves of a query in one call (its dense and its
+lexical top-k, every candidate with both scores); the ingress ranks them by
+the request's `retrieval` (dense, lexical or hybrid: the weighted fusion the
+`index` stage calibrated) and grades them with that mode's thresholds.
+`GET /` is a search page for people (mr_ray/serve/page.html).
 
 With `colocate: true` the ingress replica holds the encoder and every shard
 itself (same batching, no calls between replicas): on a small node each call
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,19 +31,20 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, ValidationError
 from ray import serve
 from ray.serve import metrics
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError
 from ray.serve.exceptions import RayServeException
 from typing_extensions import Annotated
 
 from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
-from mr_ray.index.shards import Hits, ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest, search_shards
-from mr_ray.index.thresholds import GradeThresholds
+from mr_ray.index.fusion import Candidates
+from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_candidates, open_shards, read_index_manifest, search_shards_both
+from mr_ray.index.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.serve.api import SearchRequest, SearchResponse
 from mr_ray.serve.batching import WhileBusyBatcher
@@ -44,6 +52,7 @@ from mr_ray.serve.batching import WhileBusyBatcher
 logger = logging.getLogger("ray.serve")
 APP_NAME = "search"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the mr_ray package
+SEARCH_PAGE = Path(__file__).with_name("page.html")
 
 
 class ServeArgs(ServeConfig):
@@ -78,18 +87,19 @@ class QueryEncoder:
 
 @serve.deployment(max_ongoing_requests=64)
 class ShardSearcher:
-    """Holds one FAISS shard in memory and answers top-k searches on it."""
+    """Holds one shard (FAISS + BM25) in memory and answers both halves of top-k searches on it."""
 
     def __init__(self, folder: str, search_params: str):
-        self.shard = ShardIndex(folder, search_params)
+        self.shard = ShardIndex.open(folder, search_params)
 
-    def search(self, vectors: np.ndarray, k: int):
-        return self.shard.search(vectors, k)
+    def search_both(self, vectors: np.ndarray, texts: list[str], k: int) -> list[Candidates]:
+        return self.shard.search_both(vectors, texts, k)
 
 
 api = FastAPI(
     title="mr-ray search",
-    description="Graded-relevance product search: top-k products with a predicted grade tier (2 exact, 1 partial, 0 irrelevant).",
+    description="Graded-relevance product search, dense, lexical or hybrid: top-k products with a predicted grade tier "
+    "(2 exact, 1 partial, 0 irrelevant) and the retrievers that found them. A search page is at /.",
 )
 
 
@@ -107,7 +117,7 @@ async def readable_validation_error(request: Request, err: RequestValidationErro
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(api)
 class SearchIngress:
-    """Encodes the query once, fans out to every shard in parallel, merges the top-k.
+    """Encodes the query once, asks every shard for both halves in parallel, ranks the candidates by the request's retrieval.
 
     Requests that queue while a retrieval runs are retrieved together in the
     next one (WhileBusyBatcher): one encoder call and one call per shard per
@@ -118,7 +128,7 @@ class SearchIngress:
     `index_dir` itself.
     """
 
-    def __init__(self, index_dir: str, encoder, shards: list, thresholds: dict, info: dict, options: dict):
+    def __init__(self, index_dir: str, encoder, shards: list, thresholds: dict, fusion_weight: float, info: dict, options: dict):
         self.options = ServeConfig(**options)
         manifest = read_index_manifest(index_dir)
         self.shard_names = [shard["name"] for shard in manifest["shards"]]
@@ -128,7 +138,9 @@ class SearchIngress:
             model_path = index_encoder_path(index_dir, manifest)
             self.model = load_encoder(model_path, self.options.encoder_device, manifest["encoder"]["max_seq_length"])
             self.local_shards = open_shards(index_dir)
-        self.thresholds = GradeThresholds(**thresholds)
+        self.thresholds = {mode: GradeThresholds(**values) for mode, values in thresholds.items()}
+        self.fusion_weight = fusion_weight
+        self.page = SEARCH_PAGE.read_text()
         self.info = info
         self.batcher = WhileBusyBatcher(self.retrieve, self.options.ingress_max_batch_size)
         # Exported with Serve's own Prometheus metrics (deployment, replica, app tags added by Serve).
@@ -142,9 +154,15 @@ class SearchIngress:
             "mr_ray_retrieval_batch_size", description="requests retrieved together", boundaries=[1, 2, 4, 8, 16, 32, 64]
         )
 
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def search_page(self) -> str:
+        return self.page
+
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        return {"status": "ok", **self.info, "thresholds": {"exact": self.thresholds.exact, "partial": self.thresholds.partial}}
+        thresholds = {mode: {"exact": t.exact, "partial": t.partial} for mode, t in self.thresholds.items()}
+        return {"status": "ok", **self.info, "retrieval": self.options.retrieval, "fusion_weight": self.fusion_weight,
+                "thresholds": thresholds["dense"], "thresholds_by_retrieval": thresholds}
 
     @api.get("/search", response_model=SearchResponse)
     async def search_get(self, request: Annotated[SearchRequest, Query()]) -> dict:
@@ -155,6 +173,8 @@ class SearchIngress:
         return await self.search(request)
 
     async def search(self, request: SearchRequest) -> dict:
+        started = time.perf_counter()
+        retrieval = request.retrieval or self.options.retrieval
         k = self.options.default_k if request.k is None else request.k
         if not 1 <= k <= self.options.max_k:
             raise HTTPException(422, f"k: {k} is out of range; 1 <= k <= {self.options.max_k}")
@@ -162,8 +182,9 @@ class SearchIngress:
             raise HTTPException(
                 422, f"query: {len(request.query)} characters is too long; at most {self.options.max_query_chars}"
             )
-        results, missing = await self.batcher((request.query, k))
-        grades = self.thresholds.grade([row["score"] for row in results])
+        candidates, missing = await self.batcher(request.query)
+        results = candidates.ranked(retrieval, self.fusion_weight, k)
+        grades = self.thresholds[retrieval].grade([row["score"] for row in results])
         products = [
             {**row, "grade": int(grade), "grade_name": GRADE_NAMES[Grade(int(grade))]}
             for row, grade in zip(results, grades)
@@ -171,45 +192,55 @@ class SearchIngress:
         ]
         for name, count in Counter(product["grade_name"] for product in products).items():
             self.results_counter.inc(count, tags={"grade": name})
-        return {"query": request.query, "k": k, "results": products, "missing_shards": missing, "shards": len(self.shard_names)}
+        return {
+            "query": request.query, "k": k, "retrieval": retrieval, "took_ms": round((time.perf_counter() - started) * 1000, 2),
+            "results": products, "missing_shards": missing, "shards": len(self.shard_names),
+        }
 
-    async def retrieve(self, requests: list[tuple[str, int]]) -> list[tuple[list[dict], list[str]]]:
-        """Per (query, k): its top-k rows merged over the shards that answered, and the names of those that did not."""
-        queries, ks = [query for query, _ in requests], [k for _, k in requests]
-        self.batch_histogram.observe(len(requests))
+    async def retrieve(self, queries: list[str]) -> list[tuple[Candidates, list[str]]]:
+        """Per query: its dense and lexical candidates (top max_k of each side) from the shards that answered, and the names of those that did not.
+
+        Always the largest k the service allows, so requests with any k and any retrieval share one batch.
+        """
+        self.batch_histogram.observe(len(queries))
         if self.model is not None:
-            # One worker thread (torch and FAISS release the GIL), so the next batch queues up meanwhile.
-            merged, missing = await asyncio.to_thread(self.search_here, queries, max(ks)), []
+            # One worker thread (torch, FAISS and BM25 release the GIL), so the next batch queues up meanwhile.
+            merged, missing = await asyncio.to_thread(self.search_here, queries, self.options.max_k), []
         else:
-            merged, missing = await self.search_replicas(queries, max(ks))
-        return [(merged.rows(i)[:k_i], missing) for i, k_i in enumerate(ks)]
+            merged, missing = await self.search_replicas(queries, self.options.max_k)
+        return [(candidates, missing) for candidates in merged]
 
-    def search_here(self, queries: list[str], k: int) -> Hits:
+    def search_here(self, queries: list[str], k: int) -> list[Candidates]:
         """Colocated: encode and search every shard in this replica."""
         vectors = encode(self.model, queries, len(queries))
-        return search_shards(self.local_shards, vectors, k)
+        return search_shards_both(self.local_shards, vectors, queries, k)
 
-    async def search_replicas(self, queries: list[str], k: int) -> tuple[Hits, list[str]]:
-        """The QueryEncoder, then every ShardSearcher in parallel: the merged hits and the shards that did not answer."""
-        try:
-            vectors = await self.encoder.remote(queries)
-        except (RayError, RayServeException) as err:
-            logger.warning("query encoder failed: %r", err)
-            raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
-        answers = await asyncio.gather(*(self.search_shard(shard, vectors, k) for shard in range(len(self.shards))))
+    async def search_replicas(self, queries: list[str], k: int) -> tuple[list[Candidates], list[str]]:
+        """The QueryEncoder, then every ShardSearcher in parallel: the merged candidates and the shards that did not answer."""
+        for attempt in range(2):
+            try:
+                vectors = await self.encoder.remote(queries)
+                break
+            except (RayError, RayServeException) as err:
+                logger.warning("query encoder attempt %d failed: %r", attempt + 1, err)
+                # A replica that died mid-call (bench/serve_soak.py kills one): once more, and Serve
+                # routes it to a live or the replacement replica; any other failure is answered now.
+                if attempt or not isinstance(err, ActorDiedError):
+                    raise HTTPException(503, "the query encoder is unavailable; retry shortly") from None
+        answers = await asyncio.gather(*(self.search_shard(shard, vectors, queries, k) for shard in range(len(self.shards))))
         missing = [name for name, hits in zip(self.shard_names, answers) if hits is None]
         for name in missing:
             self.missing_shard_counter.inc(len(queries), tags={"shard": name})
         found = [hits for hits in answers if hits is not None]
         if not found:
             raise HTTPException(503, f"no shard answered ({', '.join(missing)}); retry shortly")
-        return merge_hits(found, k), missing
+        return merge_candidates(found), missing
 
-    async def search_shard(self, shard: int, vectors: np.ndarray, k: int) -> Hits | None:
-        """A shard's hits, or None once every attempt failed (the responses then name the shard)."""
+    async def search_shard(self, shard: int, vectors: np.ndarray, queries: list[str], k: int) -> list[Candidates] | None:
+        """A shard's candidates per query, or None once every attempt failed (the responses then name the shard)."""
         for attempt in range(1 + self.options.shard_retries):
             try:
-                return await asyncio.wait_for(self.shards[shard].search.remote(vectors, k), self.options.shard_timeout_s)
+                return await asyncio.wait_for(self.shards[shard].search_both.remote(vectors, queries, k), self.options.shard_timeout_s)
             except (RayError, RayServeException, TimeoutError) as err:
                 logger.warning("%s attempt %d failed: %r", self.shard_names[shard], attempt + 1, err)
         return None
@@ -228,7 +259,9 @@ def build_app(args: dict):
         # is not the caller's: relative paths are taken from the project root.
         index_dir = PROJECT_ROOT / index_dir
     manifest = read_index_manifest(index_dir)
-    thresholds = GradeThresholds.load(index_dir)
+    thresholds, fusion_weight = load_retrieval_thresholds(index_dir)
+    if fusion_weight is None:
+        raise ValueError(f"{index_dir}: built before lexical shards existed (no fusion weight in thresholds.json); rebuild it with the `index` stage")
     info = {
         "index_dir": str(index_dir),
         "products": manifest["products"],
@@ -266,7 +299,8 @@ def build_app(args: dict):
             for number, shard in enumerate(manifest["shards"])
         ]
     return SearchIngress.options(ray_actor_options=ingress_resources, max_ongoing_requests=options.max_ongoing_requests).bind(
-        str(index_dir), encoder, shards, thresholds.__dict__, info, options.model_dump(exclude={"index_dir"})
+        str(index_dir), encoder, shards, {mode: t.__dict__ for mode, t in thresholds.items()}, fusion_weight, info,
+        options.model_dump(exclude={"index_dir"}),
     )
 
 

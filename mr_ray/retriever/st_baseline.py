@@ -1,8 +1,10 @@
-"""The peer every user tries first: sentence-transformers' own trainer with
-MultipleNegativesRankingLoss on (query, exact product) pairs.
+"""The standard recipe every user tries first, as a baseline: sentence-transformers' own
+trainer with MultipleNegativesRankingLoss on (query, exact product) pairs, one epoch.
 
-Shared by bench/train_throughput.py and bench/homedepot_retrieval.py. Needs the
-`datasets` package (sentence-transformers' trainer reads a `datasets.Dataset`).
+The evaluate stage trains it on the human labels of the train queries
+(`evaluate.baselines: [..., st-mnrl]`) so every report compares the method with
+it; bench/train_throughput.py and bench/homedepot_retrieval.py use the same
+functions. Needs the `datasets` package (the trainer reads a `datasets.Dataset`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 from transformers import TrainerCallback
+
+from mr_ray.config import RunConfig
+
+# The recipe's settings: sentence-transformers' documented MNRL defaults at our batch size.
+BATCH_SIZE = 64
+LEARNING_RATE = 2e-5
+EPOCHS = 1.0
 
 
 def exact_pairs(examples: pd.DataFrame) -> pd.DataFrame:
@@ -26,12 +35,12 @@ def exact_pairs(examples: pd.DataFrame) -> pd.DataFrame:
 
 
 def train_mnrl(
-    model_path: str,
+    model_path: str | None,
     pairs: pd.DataFrame,
     out_dir: Path,
-    batch_size: int = 64,
-    learning_rate: float = 2e-5,
-    epochs: float = 1.0,
+    batch_size: int = BATCH_SIZE,
+    learning_rate: float = LEARNING_RATE,
+    epochs: float = EPOCHS,
     max_seq_length: int = 48,
     max_steps: int = -1,
     seed: int = 0,
@@ -44,6 +53,8 @@ def train_mnrl(
 
     from mr_ray.retriever.encoder import load_encoder
 
+    if pairs.empty:
+        raise ValueError("st-mnrl: no (query, exact product) pairs to train on")
     model = load_encoder(model_path, "cpu", max_seq_length)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / "trainer"),
@@ -92,3 +103,15 @@ class StepTimer(TrainerCallback):
     @property
     def elapsed(self) -> float:
         return self.last - self.first
+
+
+def train_st_baseline(prepared: Path, config: RunConfig, out_dir: Path) -> dict:
+    """The `st-mnrl` row's model: the recipe on the human labels of the train queries (Stage 1's subset
+    and sequence length), saved at out_dir/model; returns the training stats."""
+    from mr_ray.retriever.train import build_examples, training_set
+
+    human = config.stage1.model_copy(update={"judgment_sources": ["human"]})
+    products, queries, judgments = training_set(prepared, human, config.stage1.max_train_queries)
+    pairs = exact_pairs(build_examples(queries, judgments, products))
+    stats = train_mnrl(config.encoder.model, pairs, out_dir, max_seq_length=config.stage1.max_seq_length, seed=config.stage1.seed)
+    return {**stats, "train_queries": len(queries)}

@@ -1,0 +1,162 @@
+"""Retrieval, once for every stage: embed, build a dense (FAISS) or lexical (BM25) index, search, score pairs.
+
+`evaluate`, `mine`, `sweep`, `index`, `serve` and the benches all call these,
+so a dense run, a lexical run and a judged pair's score mean the same thing
+everywhere. The hybrid of the two (one call answering both halves of a query,
+then fusion) lives in mr_ray.index.shards and mr_ray.index.fusion on top of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mr_ray.config import EncoderConfig
+
+RunDict = dict[str, dict[str, float]]
+
+
+def build_faiss_index(
+    vectors: np.ndarray, factory: str, search_params: str = "", train_size: int = 100_000, seed: int = 0, setting: str = "index.factory"
+):
+    """An inner-product FAISS index from `faiss.index_factory`, trained (if it needs it) and filled.
+
+    `setting` names the config key the factory string came from, for the error message.
+    """
+    import faiss
+
+    try:
+        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"{setting} {factory!r} is not a valid faiss index_factory string for dimension {vectors.shape[1]}: {err}") from None
+    if not index.is_trained:
+        train = vectors
+        if len(vectors) > train_size:
+            train = vectors[np.random.default_rng(seed).choice(len(vectors), train_size, replace=False)]
+        try:
+            index.train(train)
+        except RuntimeError as err:
+            raise ValueError(
+                f"{setting} {factory!r} cannot be trained on {len(train)} vectors (a shard this small needs fewer "
+                f"IVF lists or PQ centroids, or fewer shards): {str(err).splitlines()[-1] if str(err) else err}"
+            ) from None
+    index.add(vectors)
+    if search_params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, search_params)
+        except RuntimeError as err:
+            raise ValueError(f"index.search_params {search_params!r} do not apply to {factory!r}: {err}") from None
+    return index
+
+
+def dense_search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids, query_vectors: np.ndarray, k: int) -> RunDict:
+    """Exact inner-product top-k (cosine: vectors are normalised) as a run {query_id: {product_id: score}}."""
+    index = build_faiss_index(product_vectors, "Flat")
+    scores, rows = index.search(query_vectors, min(k, len(product_ids)))
+    return {
+        str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}
+        for qid, row_r, row_s in zip(query_ids, rows, scores)
+    }
+
+
+class LexicalIndex:
+    """BM25 (bm25s; lower-cased words of 2+ characters, English stopwords) over product titles.
+
+    Saved as a bm25s folder; a query's tokens that the index has never seen are
+    dropped, and a query with none left scores 0 everywhere.
+    """
+
+    def __init__(self, retriever):
+        self.retriever = retriever
+        self.n_docs = int(retriever.scores["num_docs"])
+
+    @staticmethod
+    def tokens(texts: list[str]) -> list[list[str]]:
+        import bm25s
+
+        return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+    @classmethod
+    def build(cls, titles: list[str]) -> "LexicalIndex":
+        import bm25s
+
+        retriever = bm25s.BM25()
+        retriever.index(cls.tokens(titles), show_progress=False)
+        return cls(retriever)
+
+    def save(self, folder: Path) -> None:
+        self.retriever.save(str(folder), show_progress=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> "LexicalIndex":
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(folder), show_progress=False))
+
+    def scores(self, texts: list[str]) -> np.ndarray:
+        """BM25 score of every document for every text: (n_texts, n_docs) float32."""
+        out = np.zeros((len(texts), self.n_docs), dtype=np.float32)
+        for i, tokens in enumerate(self.tokens(texts)):
+            known = [t for t in tokens if t in self.retriever.vocab_dict]
+            if known:
+                out[i] = self.retriever.get_scores(known)
+        return out
+
+    def pair_scores(self, texts: list[str], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 of (text, document row) pairs (0 where the row is -1: a product of another index),
+        and each pair's text's best BM25 score in this index."""
+        unique = list(dict.fromkeys(texts))
+        text_row = pd.Series(texts).map({t: i for i, t in enumerate(unique)}).to_numpy()
+        scores = self.scores(unique)
+        rows = np.asarray(rows)
+        return np.where(rows >= 0, scores[text_row, np.maximum(rows, 0)], 0.0), scores.max(axis=1, initial=0.0)[text_row]
+
+    def search(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k rows per text with a positive score: (scores (n, k) with -inf padding, rows (n, k) with -1, all scores)."""
+        every = self.scores(texts)
+        k_here = min(k, self.n_docs)
+        rows = np.argsort(-every, axis=1, kind="stable")[:, :k_here]
+        scores = np.take_along_axis(every, rows, axis=1)
+        missing = scores <= 0
+        scores[missing], rows[missing] = -np.inf, -1
+        if k_here < k:
+            scores = np.pad(scores, ((0, 0), (0, k - k_here)), constant_values=-np.inf)
+            rows = np.pad(rows, ((0, 0), (0, k - k_here)), constant_values=-1)
+        return scores, rows, every
+
+
+def lexical_search(products: pd.DataFrame, queries: pd.DataFrame, k: int) -> RunDict:
+    """BM25 top-k over product titles as a run {query_id: {product_id: score}} (only products sharing a term)."""
+    scores, rows, _ = LexicalIndex.build(products["title"].tolist()).search(queries["text"].tolist(), k)
+    product_ids = products["product_id"].to_numpy()
+    return {
+        str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}
+        for qid, row_r, row_s in zip(queries["query_id"], rows, scores)
+    }
+
+
+def embed_catalog(products: pd.DataFrame, config: EncoderConfig, model_path: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Product ids and title embeddings of a catalog frame, through Ray Data encoder actors."""
+    from mr_ray.retriever.encoder import embed_dataset, in_blocks
+
+    return embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", config, model_path)
+
+
+def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Cosine of each (query `text`, product) pair; product vectors from `product_vectors` or encoded from `title`."""
+    from mr_ray.retriever.encoder import encode
+
+    if product_vectors is not None:
+        missing = sorted(set(pairs["product_id"]) - product_vectors.keys())
+        if missing:
+            raise ValueError(f"judged product(s) not in the catalog, e.g. product_id {missing[0]!r} ({len(missing)} in all)")
+    else:
+        titles = pairs[["product_id", "title"]].drop_duplicates("product_id")
+        product_vectors = dict(zip(titles["product_id"], encode(model, titles["title"].tolist(), batch_size)))
+    query_texts = pairs["text"].drop_duplicates().tolist()
+    query_vectors = dict(zip(query_texts, encode(model, query_texts, batch_size)))
+    q = np.stack([query_vectors[t] for t in pairs["text"]])
+    p = np.stack([product_vectors[i] for i in pairs["product_id"]])
+    return np.einsum("ij,ij->i", q, p)

@@ -1,0 +1,106 @@
+"""Outputs are never destructive, and bad input is one error line: through the real `mr-ray` process."""
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mr_ray.config import load_config
+from mr_ray.outputs import OutputRefused
+from mr_ray.pipeline import Stage, run_pipeline
+
+
+def mr_ray(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "mr_ray.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def source(folder, product_title="a"):
+    folder.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"product_id": ["p1"], "title": [product_title]}), folder / "products.parquet")
+    pq.write_table(pa.table({"query_id": ["q1"], "text": ["a"]}), folder / "queries.parquet")
+    pq.write_table(pa.table({"query_id": ["q1"], "product_id": ["p1"], "grade": [2], "source": ["human"]}), folder / "judgments.parquet")
+    return folder
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_error_line(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_refused_outputs_lose_nothing(tmp_path):
+    src = source(tmp_path / "src")
+    (tmp_path / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    (tmp_path / "link").symlink_to(mine)
+    before = snapshot(tmp_path)
+    for out, why in (
+        (".", "working folder"),
+        ("mine", "other files"),
+        ("src", "the input"),
+        ("notes.txt", "a file"),
+        ("link", "symlink"),
+    ):
+        result = mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", out, cwd=tmp_path)
+        assert_one_error_line(result, out, *([] if out == "." else [why]))
+        assert snapshot(tmp_path) == before
+    # A parent of the input, from elsewhere: refused as such.
+    result = mr_ray("data", "import", "--source", "canonical", "--path", str(src / "products.parquet"), "--out", str(src), cwd=mine)
+    assert_one_error_line(result, "the input")
+    assert snapshot(tmp_path) == before
+
+
+def test_previous_import_is_replaced_and_bad_input_writes_nothing(tmp_path):
+    source(tmp_path / "src")
+    result = mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    source(tmp_path / "src", product_title="b")
+    result = mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(tmp_path / "out" / "products").column("title").to_pylist() == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temp or old folder left
+    # Bad input: one line naming file, row and field; the previous output stays as it was.
+    (tmp_path / "src" / "products.parquet").unlink()
+    (tmp_path / "src" / "products.csv").write_text("product_id,title\np1,a\np1,b\n")
+    before = snapshot(tmp_path / "out")
+    result = mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", "out", cwd=tmp_path)
+    assert_one_error_line(result, "src/products.csv", "row 2", "'product_id'", "duplicate key")
+    assert snapshot(tmp_path / "out") == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    # --debug keeps the traceback for whoever needs it.
+    result = mr_ray("--debug", "data", "import", "--source", "canonical", "--path", "src", "--out", "out", cwd=tmp_path)
+    assert result.returncode != 0 and "DataError" in result.stderr and len(result.stderr.splitlines()) > 5
+
+
+def test_bad_config_is_one_line_before_ray_starts(tmp_path):
+    (tmp_path / "run.yaml").write_text("data:\n  source: canonical\n  path: nowhere\n")
+    result = mr_ray("run", "--config", "run.yaml", "--run-dir", "runs", cwd=tmp_path)
+    assert_one_error_line(result, "run.yaml", "data.path nowhere does not exist")
+    assert not (tmp_path / "runs").exists()
+
+
+def write_value(ctx):
+    (ctx.out / "value.txt").write_text("new")
+    return {}
+
+
+def test_stage_folder_of_other_files_is_refused(tmp_path):
+    stages = (Stage("produce", f"{__name__}:write_value", (), ("evaluate",)),)
+    (tmp_path / "produce").mkdir()
+    (tmp_path / "produce" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputRefused, match="holds other files, not a previous 'produce' output"):
+        run_pipeline(load_config(), tmp_path, stages=stages)
+    assert [p.name for p in (tmp_path / "produce").iterdir()] == ["notes.txt"]
+    (tmp_path / "produce" / "notes.txt").unlink()
+    assert run_pipeline(load_config(), tmp_path, stages=stages) == {"produce": "ran"}  # an empty folder is taken
+    assert run_pipeline(load_config(), tmp_path, stages=stages, force=True) == {"produce": "ran"}  # its own output is replaced
+    assert (tmp_path / "produce" / "value.txt").read_text() == "new"
