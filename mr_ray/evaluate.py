@@ -147,9 +147,10 @@ def hybrid_rows(name: str, shard, model, queries: pd.DataFrame, truth: pd.DataFr
     return systems, runs
 
 
-def query_changes(before: str, after: str, runs: dict[str, RunDict], truth: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame, config: EvaluateConfig, n: int = 10, top: int = 5) -> dict:
-    """The `n` queries whose NDCG gained most and lost most from system `before` to `after`, with both top lists and grades."""
-    ndcg_before, ndcg_after = (evaluate_retrieval(runs[system], truth, config)[PER_QUERY_NDCG] for system in (before, after))
+def query_changes(before: str, after: str, runs: dict[str, RunDict], systems: dict[str, dict], truth: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame, n: int = 10, top: int = 5) -> dict:
+    """The `n` queries whose NDCG gained most and lost most from system `before` to `after` (their per-query
+    NDCG from `evaluate_retrieval`, in `systems`), with both top lists and grades."""
+    ndcg_before, ndcg_after = (systems[system][PER_QUERY_NDCG] for system in (before, after))
     delta = sorted(((ndcg_after[q] - ndcg_before[q], q) for q in ndcg_before if q in ndcg_after), key=lambda item: (item[0], item[1]))
     grades = {(str(q), str(p)): int(g) for q, p, g in zip(truth["query_id"], truth["product_id"], truth["grade"])}
     titles = dict(zip(products["product_id"].astype(str), products["title"]))
@@ -208,12 +209,12 @@ def evaluate_systems(prepared: Path, models: dict[str, str | None], config: Eval
     if plot_path is not None and cosines_by_system:
         plot_histograms(cosines_by_system, pairs["grade"].to_numpy(), plot_path)
     result = {"split": config.split, "n_eval_queries": len(queries), "n_judged_pairs": len(pairs), "systems": systems}
-    result["phenomena"] = ndcg_by_phenomenon(runs, truth, queries, config)
+    result["phenomena"] = ndcg_by_phenomenon({name: row[PER_QUERY_NDCG] for name, row in systems.items()}, queries)
     # The queries the final encoder changed most: against the pretrained encoder, or BM25 when that is the only encoder.
     encoders = list(models)
     before = "pretrained" if "pretrained" in encoders[:-1] else "bm25" if "bm25" in runs else None
     if encoders and before:
-        result["query_changes"] = query_changes(before, encoders[-1], runs, truth, queries, products, config)
+        result["query_changes"] = query_changes(before, encoders[-1], runs, systems, truth, queries, products)
     return result
 
 
@@ -238,12 +239,12 @@ def plot_histograms(cosines_by_system: dict[str, np.ndarray], grades: np.ndarray
     plt.close(fig)
 
 
-def ndcg_by_phenomenon(runs: dict[str, RunDict], truth: pd.DataFrame, queries: pd.DataFrame, config: EvaluateConfig) -> dict[str, dict]:
-    """Mean NDCG@k (ranx, per query) of every system on the queries of each phenomenon (the queries'
-    optional `phenomenon` tag): {phenomenon: {"n_queries": n, system: NDCG}}, largest group first; {} untagged."""
+def ndcg_by_phenomenon(per_query: dict[str, dict[str, float]], queries: pd.DataFrame) -> dict[str, dict]:
+    """Mean NDCG@k of every system on the queries of each phenomenon (the queries' optional `phenomenon`
+    tag), from each system's per-query NDCG ({system: {query_id: NDCG}}, `evaluate_retrieval`'s
+    PER_QUERY_NDCG): {phenomenon: {"n_queries": n, system: NDCG}}, largest group first; {} untagged."""
     if "phenomenon" not in queries.columns or queries["phenomenon"].isna().all():
         return {}
-    per_query = {name: evaluate_retrieval(run, truth, config)[PER_QUERY_NDCG] for name, run in runs.items()}
     groups = queries.dropna(subset=["phenomenon"]).groupby("phenomenon")["query_id"].agg(lambda ids: [str(q) for q in ids])
     table = {}
     for phenomenon in sorted(groups.index, key=lambda tag: (-len(groups[tag]), tag)):

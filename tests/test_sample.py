@@ -23,7 +23,7 @@ from mr_ray.data.sample import (
     title_name,
     word_query,
 )
-from mr_ray.evaluate import ndcg_by_phenomenon, render_phenomena, render_stage_gains
+from mr_ray.evaluate import PER_QUERY_NDCG, evaluate_retrieval, ndcg_by_phenomenon, render_phenomena, render_stage_gains
 
 
 def test_gold_rules():
@@ -168,10 +168,11 @@ def test_ndcg_by_phenomenon_groups_per_query_ndcg():
     queries = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "phenomenon": ["synonym", "synonym", "intent"]})
     truth = pd.DataFrame({"query_id": ["q1", "q2", "q3"], "product_id": ["a", "b", "c"], "grade": [2, 2, 2]})
     runs = {"bm25": {"q1": {"a": 1.0}, "q2": {"x": 1.0}, "q3": {"c": 1.0}}, "stage1": {"q1": {"a": 1.0}, "q2": {"b": 1.0}, "q3": {"x": 1.0}}}
-    table = ndcg_by_phenomenon(runs, truth, queries, EvaluateConfig())
+    per_query = {name: evaluate_retrieval(run, truth, EvaluateConfig())[PER_QUERY_NDCG] for name, run in runs.items()}
+    table = ndcg_by_phenomenon(per_query, queries)
     assert table == {"synonym": {"n_queries": 2, "bm25": 0.5, "stage1": 1.0}, "intent": {"n_queries": 1, "bm25": 1.0, "stage1": 0.0}}
     assert "| synonym | 2 | 0.5000 | 1.0000 |" in render_phenomena(table)
-    assert ndcg_by_phenomenon(runs, truth, queries.drop(columns="phenomenon"), EvaluateConfig()) == {}
+    assert ndcg_by_phenomenon(per_query, queries.drop(columns="phenomenon")) == {}
 
 
 def test_stage_gains_name_each_step_and_its_relative_change():
