@@ -25,7 +25,7 @@ from torch import nn
 
 from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.grades import GRADE_NAMES
-from mr_ray.labeler.prompt import DESCRIPTION_CHARS, PromptError
+from mr_ray.labeler.prompt import PromptError, field_text
 
 ID2LABEL = {int(grade): name for grade, name in GRADE_NAMES.items()}
 # Product fields after the title, in this order, when present (each as "field: value").
@@ -62,11 +62,8 @@ def product_text(product: dict, fields: tuple[str, ...] = PRODUCT_FIELDS) -> str
         raise PromptError("product title is missing or blank")
     parts = [title.strip()]
     for field in fields:
-        value = product.get(field)
-        if isinstance(value, str) and value.strip():
-            text = value.strip()
-            if field == "description" and len(text) > DESCRIPTION_CHARS:
-                text = text[:DESCRIPTION_CHARS].rsplit(" ", 1)[0] + " ..."
+        text = field_text(field, product.get(field))
+        if text is not None:
             parts.append(f"{field}: {text}")
     return " ; ".join(parts)
 

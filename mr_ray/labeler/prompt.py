@@ -33,6 +33,16 @@ class PromptError(ValueError):
     """A pair that cannot be rendered (missing or blank query text or product title)."""
 
 
+def field_text(field: str, value) -> str | None:
+    """A product field as the judge reads it: stripped, a long description cut at a word; None when blank."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if field == "description" and len(text) > DESCRIPTION_CHARS:
+        text = text[:DESCRIPTION_CHARS].rsplit(" ", 1)[0] + " ..."
+    return text
+
+
 def render_pair(query: str, product: dict) -> str:
     """The user turn for one (query, product) pair, product fields in `product`'s order.
 
@@ -45,10 +55,8 @@ def render_pair(query: str, product: dict) -> str:
         raise PromptError("product title is missing or blank")
     lines = [f"Query: {query.strip()}"]
     for field, value in product.items():
-        if isinstance(value, str) and value.strip():
-            text = value.strip()
-            if field == "description" and len(text) > DESCRIPTION_CHARS:
-                text = text[:DESCRIPTION_CHARS].rsplit(" ", 1)[0] + " ..."
+        text = field_text(field, value)
+        if text is not None:
             lines.append(f"Product {field}: {text}")
     lines.append("Grade:")
     return "\n".join(lines)
