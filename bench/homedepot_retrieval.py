@@ -1,8 +1,8 @@
 """The Home Depot table: BM25, pretrained, the sentence-transformers MNRL recipe,
 Stage 1, Stage 2 and three ablations, on ../shared/data/homedepot.
 
-Train on `train` judgments (a seeded subset of the train queries on CPU:
---train-queries N, or all of them: --train-queries all; --precision bf16
+Train on `train` judgments (all the train queries by default, or a seeded
+subset: --train-queries N; --precision bf16
 trains Stage 1 and 2 under bfloat16 autocast), tune nothing here (the pipeline
 defaults), report on `test` with full-catalog retrieval (all 54,667
 products). Every system is evaluated on the clean test queries and on a typo'd
@@ -14,7 +14,8 @@ Rows:
 - st-mnrl: SentenceTransformerTrainer + MultipleNegativesRankingLoss on
   (query, exact product) pairs of the same training queries, 1 epoch, batch 64,
   lr 2e-5;
-- stage1, stage2: the pipeline's stages (prepare, stage1, mine, stage2);
+- stage1, stage2: the pipeline's stages (prepare, stage1, mine, stage2) in the
+  run graph of `judge.kind: none` (human grades only) and `sweep: null`;
 - ablations: no-augmentation (stage1 + mine + stage2 with augment.rate 0),
   no-mining (stage2 without mined samples), stage2-supcon (SupCon instead of
   circle loss in stage 2);
@@ -53,7 +54,7 @@ COLUMNS = ["ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", 
 
 
 def variant_config(data: Path, train_queries: int | None, variant: str, precision: str):
-    """The Home Depot run config of a variant, subsampled for CPU (train_queries None: all of them)."""
+    """The Home Depot run config of a variant (train_queries None: all of them)."""
     from mr_ray.config import load_config
 
     return load_config(
@@ -65,25 +66,27 @@ def variant_config(data: Path, train_queries: int | None, variant: str, precisio
             "mine.max_queries": train_queries,
             "stage1.precision": precision,
             "stage2.precision": precision,
-            # No LLM judge run on this data here (CPU): mined pairs are re-annotated from the human judgments.
+            # No judge on this data here (CPU): the graph has no judge stages, and mined pairs are
+            # re-annotated from the human judgments. Nothing is tuned: no sweep stage.
+            "judge.kind": "none",
             "mine.annotator": "grades",
             "mine.grades_source": "judgments",
+            "sweep": None,
             **VARIANTS[variant],
         },
     )
 
 
 def run_variant(name: str, out: Path, data: Path, train_queries: int | None, precision: str) -> Path:
-    """Run prepare/stage1/mine/stage2 for a variant, reusing the main run's unchanged stage outputs."""
+    """Run the variant's graph up to stage2 (prepare, stage1, mine, stage2), reusing the main run's unchanged stage outputs."""
     from mr_ray.pipeline import run_pipeline
-    from mr_ray.retriever.train import retriever_stages
 
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
     for shared in SHARED_STAGES.get(name, ()):
         if not (run_dir / shared).exists():
             os.symlink(out / "runs" / "main" / shared, run_dir / shared)
-    run_pipeline(variant_config(data, train_queries, name, precision), run_dir, only=["prepare", "stage1", "mine", "stage2"], stages=retriever_stages(with_judge=False))
+    run_pipeline(variant_config(data, train_queries, name, precision), run_dir, until="stage2")
     return run_dir
 
 
@@ -170,8 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "homedepot")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "hd-bench")
-    parser.add_argument("--train-queries", type=train_query_count, default=1500,
-                        help="seeded subset of the 7,978 train queries, or 'all'")
+    parser.add_argument("--train-queries", type=train_query_count, default=None,
+                        help="a seeded subset of the 7,978 train queries (default: all)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="Stage 1 and Stage 2 (the st-mnrl peer keeps its fp32 recipe)")
     parser.add_argument("--systems", default="bm25,pretrained,stage1,stage2,st-mnrl,stage2-supcon,no-mining,no-augmentation,pretrained+bm25,st-mnrl+bm25,stage2+bm25",
                         help="comma-separated; NAME+bm25 adds an encoder's hybrid rows (RRF, and weighted fusion tuned on dev)")
@@ -182,7 +185,8 @@ def main() -> None:
     import ray
 
     from mr_ray.evaluate import eval_queries, judged_pairs, truth_table
-    from mr_ray.retriever.train import build_examples, read_frame, training_set
+    from mr_ray.pipeline import Limit
+    from mr_ray.retriever.examples import build_examples, read_frame, training_set
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = args.out.resolve()
@@ -233,7 +237,7 @@ def main() -> None:
 
             stats = out / "st-mnrl" / "training.json"  # a trained peer is reused when only its evaluation is missing
             if not stats.exists():
-                _, queries, judgments = training_set(prepared, config.stage1, args.train_queries)
+                _, queries, judgments = training_set(prepared, config.stage1, Limit.of(config, "stage1.max_train_queries"))
                 train_pairs = exact_pairs(build_examples(queries, judgments, products))
                 trained = train_mnrl(None, train_pairs, out / "st-mnrl", batch_size=64, learning_rate=2e-5, epochs=1,
                                      max_seq_length=config.stage1.max_seq_length)

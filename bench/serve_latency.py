@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -35,14 +34,9 @@ import requests
 from mr_ray.cluster import use_serve_environment
 from mr_ray.index.shards import index_encoder_path, open_shards, read_index_manifest, search_shards
 from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.serve.ports import free_port
 
 LEVELS = (1, 8, 32)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_queries(index_dir: Path, n: int) -> list[str]:

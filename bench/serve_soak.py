@@ -42,9 +42,10 @@ import aiohttp
 import numpy as np
 import psutil
 
-from serve_latency import free_port, load_queries, wait_healthy  # bench/ is on sys.path when run as a script
+from serve_latency import load_queries, wait_healthy  # bench/ is on sys.path when run as a script
 
 from mr_ray.cluster import use_serve_environment
+from mr_ray.serve.ports import free_port
 
 CLIENT_TIMEOUT_S = 30.0
 

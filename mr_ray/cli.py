@@ -63,7 +63,7 @@ def run(
     force: bool = typer.Option(False, help="re-run stages even if their manifest matches"),
     address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)"),
 ):
-    """Run the whole pipeline; stages whose manifest matches are skipped."""
+    """Run the run's stage graph (which stages follow the config and the data); stages whose manifest matches are skipped."""
     from mr_ray.pipeline import run_pipeline
 
     cfg = load_config(config)
@@ -79,7 +79,8 @@ def stage(
     force: bool = typer.Option(False),
     address: Optional[str] = typer.Option(None),
 ):
-    """Run one stage (its inputs must already be in the run folder)."""
+    """Run one stage of the run's graph with the inputs the graph gives it (they must already be in the run
+    folder); a stage the graph leaves out (e.g. audit without engagement data) is an error saying why."""
     from mr_ray.pipeline import run_pipeline
 
     cfg = load_config(config)
@@ -136,7 +137,7 @@ EVALUATE_KIND = "evaluate-report"
 @app.command("evaluate")
 def evaluate_cmd(
     prepared: Path = typer.Option(..., help="a prepare output (or `mr-ray data import`) folder"),
-    out: Path = typer.Option(..., help="folder for report.md, report.json, similarity_hist.png"),
+    out: Path = typer.Option(..., help="folder for report.md, report.json, report.html, similarity_hist.png"),
     split: str = typer.Option("test"),
     model: list[str] = typer.Option([], help="extra encoder as NAME=FOLDER (repeatable)"),
     config: Optional[Path] = typer.Option(None, help="run config YAML for encoder/evaluate settings"),
@@ -147,6 +148,7 @@ def evaluate_cmd(
     --out must be new, empty, or a previous `evaluate` output (which is replaced)."""
     from mr_ray.evaluate import evaluate_systems, render_report
     from mr_ray.outputs import MANIFEST, placed_output
+    from mr_ray.report_page import render_report_html
     from mr_ray.retriever.encoder import pretrained_model_path
 
     cfg = load_config(config, overrides={"evaluate.split": split})
@@ -160,6 +162,7 @@ def evaluate_cmd(
         (tmp / "report.json").write_text(json.dumps(result, indent=2))
         report = render_report(result, f"mr-ray evaluation: {prepared}")
         (tmp / "report.md").write_text(report + "\n![similarity histograms](similarity_hist.png)\n")
+        (tmp / "report.html").write_text(render_report_html(result, f"mr-ray evaluation: {prepared}", {}, tmp / "similarity_hist.png"))
         (tmp / MANIFEST).write_text(json.dumps({"kind": EVALUATE_KIND, "prepared": str(prepared), "models": models}, indent=2))
     typer.echo(report)
 

@@ -96,7 +96,12 @@ class IndexConfig(Strict):
     search_params: str = Field("", description="faiss.ParameterSpace string applied at search time, e.g. nprobe=16")
     n_shards: int = Field(2, ge=1, le=4096)
     train_size: int = Field(100_000, ge=1_000, description="most vectors per shard used to train IVF/PQ indexes")
-    calibration_split: Literal["train", "dev", "test"] = Field("dev", description="judged pairs that set the grade thresholds")
+    calibration_split: Literal["train", "dev", "test"] = Field("dev", description="queries whose judged pairs set the fusion weight and the grade thresholds")
+    calibration_unjudged: int = Field(
+        200, ge=0, description="per calibration query, random catalog products not judged for it, counted as grade 0 and weighted "
+        "to stand for all its unjudged products (judged pairs are the hardest candidates, not the catalog a tier is cut from)"
+    )
+    calibration_seed: int = 0
 
 
 class ServeConfig(Strict):
@@ -181,13 +186,15 @@ class MineConfig(Strict):
     unjudged_per_query: int = Field(4, ge=0, description="highest-ranked unjudged products kept per query")
     boundary_per_query: int = Field(4, ge=0, description="judged products nearest a grade boundary kept per query")
     annotator: Literal["judge", "grades"] = Field(
-        "judge", description="re-annotate mined pairs with the fine-tuned LLM judge, or look them up in `grades_source`"
+        "judge",
+        description="re-annotate mined pairs with the fine-tuned judge, or look them up in `grades_source`; "
+        "with judge.kind none, 'judge' falls back to the human grades (grades, judgments/)",
     )
     grades_source: Literal["gold", "judgments"] = Field(
         "gold", description="annotator=grades: prepare's gold/ (sample catalog rule grades) or judgments/"
     )
     max_queries: int | None = Field(
-        24, ge=1, description="mine a seeded subset of the train queries (the CPU judge re-annotates ~8 pairs each); None = all"
+        None, ge=1, description="mine a seeded subset of the train queries (the CPU judge re-annotates ~8 pairs each); None = all"
     )
     unjudged_grade: Literal[0] | None = Field(
         None,
@@ -216,25 +223,36 @@ class CircleConfig(Strict):
 
 
 class Stage2Config(TrainLoopConfig):
-    """Stage 2: refine the Stage-1 encoder on judged + mined samples."""
+    """Stage 2: refine the Stage-1 encoder on judged + mined samples.
+
+    The `sweep` stage, when it runs, tunes the circle margins and scale and the SupCon temperature on dev;
+    Stage 2 then trains with its best values instead of these."""
 
     circle: CircleConfig = CircleConfig()
     circle_weight: float = Field(1.0, ge=0.0)
-    supcon_weight: float = Field(1.0, ge=0.0, description="SupCon term kept next to circle (Stage-1 temperature)")
+    supcon_weight: float = Field(1.0, ge=0.0, description="weight of the SupCon term kept next to circle")
+    temperature: float = Field(0.05, gt=0.0, le=1.0, description="SupCon term's temperature")
+    partial_weight: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="SupCon term's weight of grade-1 positives; 0 leaves separating them to circle (sample dev: AUC(2 over 1) 0.7862 vs 0.7784 at 0.3, NDCG@10 0.7900 vs 0.7894)",
+    )
     use_mined: bool = Field(True, description="False = ablation: no mined samples")
     learning_rate: float = Field(2e-5, gt=0.0)
 
 
 class SweepConfig(Strict):
-    """Ray Tune sweeps: SupCon temperature (stage 1), circle margins and scale (stage 2)."""
+    """Ray Tune sweep of Stage 2 on dev, run after `mine`: circle margins and scale, SupCon temperature.
+
+    Its best values are what `stage2` trains with in the same run; `sweep: null` in a run config
+    turns the sweep off (Stage 2 then trains with its own config)."""
 
     temperatures: list[float] = [0.03, 0.05, 0.1]
     margins: list[float] = [0.15, 0.25, 0.35]
     scales: list[float] = [16.0, 32.0, 64.0]
-    trials_per_stage: int = Field(2, ge=1)
+    trials: int = Field(2, ge=1, description="the first trial is Stage 2's own config, the others random draws from the lists above")
     epochs: int = Field(2, ge=1, description="ASHA max_t: epochs per trial")
-    max_train_queries: int | None = Field(64, ge=1, description="trials train on a seeded subset (CPU default: tiny)")
-    max_dev_queries: int | None = Field(60, ge=1)
+    max_train_queries: int | None = Field(None, ge=1, description="trials train on a seeded subset of the train queries; None = all")
+    max_dev_queries: int | None = Field(None, ge=1, description="trials are scored on a seeded subset of the dev queries; None = all")
     seed: int = 0
 
 
@@ -249,6 +267,12 @@ class JudgeEngineConfig(Strict):
     max_num_seqs: int = Field(64, ge=1)
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU (whole GiB)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    cpu_threads: int = Field(
+        1, ge=1,
+        description="CPU engine: OpenMP threads of the model, which runs inside vLLM's engine-core process "
+        "(VLLM_ENABLE_V1_MULTIPROCESSING=0). 1 = the replica's one-CPU bundle: with 2 threads on 2 cores the "
+        "model fought the Ray actor's request handling and labeled at half the rate (71 vs 134 pairs/s)",
+    )
 
 
 class JudgeFinetuneConfig(Strict):
@@ -257,9 +281,9 @@ class JudgeFinetuneConfig(Strict):
     The defaults here are the causal LM's; with `judge.kind: cross_encoder` every field the
     config leaves unset takes CROSS_ENCODER_FINETUNE's value instead."""
 
-    max_examples: int | None = Field(480, ge=10, description="seeded class-balanced subsample of the training labels; None = all")
+    max_examples: int | None = Field(None, ge=10, description="seeded class-balanced subsample of the training labels; None = all")
     holdout_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="human labels held out (by query) for evaluation")
-    max_holdout: int | None = Field(200, ge=10, description="held-out pairs scored after training; None = all")
+    max_holdout: int | None = Field(None, ge=10, description="held-out pairs scored after training; None = all")
     train_layers: int | None = Field(4, ge=1, description="train only the top N transformer blocks (+ final norm); None = full fine-tune")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -278,7 +302,7 @@ class JudgeFinetuneConfig(Strict):
 class LabelConfig(Strict):
     """Batch labeling of (query, product) pairs; on the sample, the judged pool."""
 
-    max_queries: int | None = Field(30, ge=1, description="label the pool pairs of a seeded subset of queries; None = all")
+    max_queries: int | None = Field(None, ge=1, description="label the pool pairs of a seeded subset of queries; None = all")
     pairs: str | None = Field(None, description="extra Parquet file/folder of (query_id, product_id) pairs to label")
     shard_rows: int = Field(128, ge=1, description="rows per resumable output shard")
     seed: int = 0
@@ -308,7 +332,7 @@ class AuditConfig(Strict):
 class SynthesizeConfig(Strict):
     """Synthetic queries for products without any (long tail), written and graded by the judge."""
 
-    max_products: int = Field(16, ge=1)
+    max_products: int | None = Field(None, ge=1, description="write queries for a seeded subset of the products without any; None = all")
     samples_per_product: int = Field(2, ge=1)
     temperature: float = Field(0.8, ge=0.0)
     max_new_tokens: int = Field(16, ge=2)
@@ -322,15 +346,16 @@ class SynthesizeConfig(Strict):
 
 
 # A full fine-tune of the small encoder on every train label fits a CPU budget (MiniLM-L6: ~50 pairs/s on 2 cores).
-CROSS_ENCODER_FINETUNE = {"max_examples": None, "train_layers": None, "batch_size": 32, "learning_rate": 5e-5, "epochs": 2, "checkpoint_every": 50}
+CROSS_ENCODER_FINETUNE = {"train_layers": None, "batch_size": 32, "learning_rate": 5e-5, "epochs": 2, "checkpoint_every": 50}
 
 
 class JudgeConfig(Strict):
     """The judge: kind, base model, fine-tune, batch labeling, engagement audit, synthetic queries."""
 
-    kind: Literal["cross_encoder", "causal_lm"] = Field(
+    kind: Literal["cross_encoder", "causal_lm", "none"] = Field(
         "cross_encoder",
-        description="cross_encoder: 3-label classifier over the (query, product) pair (learns on CPU); causal_lm: guideline prompt, next-token grade (GPUs)",
+        description="cross_encoder: 3-label classifier over the (query, product) pair (learns on CPU); causal_lm: guideline prompt, "
+        "next-token grade (GPUs); none: no judge stages, training on the human labels only",
     )
     model: str | None = Field(
         None, description="base model folder (or .gguf for causal_lm); None = packaged all-MiniLM-L6-v2 (cross_encoder) or SmolLM2-135M-Instruct GGUF (causal_lm)"
@@ -363,7 +388,7 @@ class RunConfig(Strict):
     stage1: Stage1Config = Stage1Config()
     mine: MineConfig = MineConfig()
     stage2: Stage2Config = Stage2Config()
-    sweep: SweepConfig = SweepConfig()
+    sweep: SweepConfig | None = Field(SweepConfig(), description="null = no sweep: Stage 2 trains with its own config")
     judge: JudgeConfig = JudgeConfig()
 
 

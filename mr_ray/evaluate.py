@@ -103,11 +103,14 @@ def truth_table(prepared: Path) -> pd.DataFrame:
 
 
 def eval_queries(prepared: Path, config: EvaluateConfig) -> pd.DataFrame:
+    from mr_ray.pipeline import Limit, note_limit
+
     queries = read_table(prepared, "queries").to_pandas()
     chosen = queries[queries["split"] == config.split]
     if chosen.empty:
         raise ValueError(f"no queries in split {config.split!r} to evaluate")
     if config.max_queries and len(chosen) > config.max_queries:
+        note_limit(Limit("evaluate.max_queries", config.max_queries), config.max_queries, len(chosen), f"{config.split} queries")
         chosen = chosen.sample(config.max_queries, random_state=config.seed)
     return chosen.reset_index(drop=True)
 
@@ -330,20 +333,44 @@ def loss_histories(ctx) -> dict[str, list[dict]]:
     return out
 
 
+def run_section(ctx) -> tuple[str, dict]:
+    """What the run's graph left out (and why), and the settings each trained encoder's stage recorded it
+    trained with (and where they came from: the sweep or the config)."""
+    from mr_ray.pipeline import read_manifest
+
+    by_reason: dict[str, list[str]] = {}
+    for name, why in ctx.left_out.items():
+        by_reason.setdefault(why, []).append(name)
+    lines = [f"- {', '.join(names)}: not run ({why})" for why, names in by_reason.items()]
+    trained_with = {}
+    for folder in ctx.inputs_of("encoder"):
+        settings = read_manifest(folder)["metrics"].get("trained_with")
+        if settings:
+            trained_with[folder.name] = settings
+            values = ", ".join(f"{k} {v}" for k, v in settings["params"].items())
+            lines.append(f"- {folder.name} trained with {values}, from {settings['source']}")
+    if not lines:
+        return "", {}
+    return "\n".join(["## This run", "", *lines, ""]) + "\n", {"not_run": dict(ctx.left_out), "trained_with": trained_with}
+
+
 def evaluate_stage(ctx) -> dict:
-    """Evaluate the baselines and every trained encoder among the stage's inputs."""
+    """Evaluate the baselines and every trained encoder the graph gave the stage."""
     models: dict[str, str | None] = {}
     if "pretrained" in ctx.config.evaluate.baselines:
         models["pretrained"] = pretrained_model_path()
     if "st-mnrl" in ctx.config.evaluate.baselines:
         models["st-mnrl"] = st_mnrl_model(ctx.input("prepare"), ctx.config, ctx.out / "st-mnrl")
-    for name in ctx.stage.inputs:
-        if (ctx.input(name) / "model").is_dir():
-            models[name] = str(ctx.input(name) / "model")
+    for folder in ctx.inputs_of("encoder"):
+        models[folder.name] = str(folder / "model")
     result = evaluate_systems(ctx.input("prepare"), models, ctx.config.evaluate, ctx.config.encoder, ctx.out / "similarity_hist.png")
+    run_markdown, run_numbers = run_section(ctx)
     judge_markdown, judge_numbers = judge_report(ctx)  # the judge section, when the judge stages ran
-    (ctx.out / "report.json").write_text(json.dumps({**result, "judge": judge_numbers} if judge_numbers else result, indent=2))
-    (ctx.out / "report.md").write_text(render_report(result, f"mr-ray evaluation: {ctx.config.name}") + "\n![similarity histograms](similarity_hist.png)\n" + judge_markdown)
+    numbers = {**result, **({"run": run_numbers} if run_numbers else {}), **({"judge": judge_numbers} if judge_numbers else {})}
+    (ctx.out / "report.json").write_text(json.dumps(numbers, indent=2))
+    (ctx.out / "report.md").write_text(
+        render_report(result, f"mr-ray evaluation: {ctx.config.name}") + "\n![similarity histograms](similarity_hist.png)\n\n" + run_markdown + judge_markdown
+    )
     (ctx.out / "report.html").write_text(
         render_report_html({**result, "judge": judge_numbers}, f"mr-ray evaluation: {ctx.config.name}", loss_histories(ctx), ctx.out / "similarity_hist.png")
     )

@@ -1,12 +1,19 @@
 """The stage graph: plain functions with declared inputs, resumable by manifest.
 
 A stage is `fn(ctx) -> metrics`. It reads its inputs from `ctx.input(name)`
-(the output folder of an upstream stage) and writes everything into
-`ctx.out` (a temporary folder). When `fn` returns, the runner writes
-`manifest.json` (config hash, input hashes, output hash, metrics, wall time)
-and renames the folder into place, so a crash never leaves a half-written
-output behind. A rerun skips every stage whose manifest still matches its
-config section and its inputs.
+(the output folder of an upstream stage) or, for the inputs it takes when the
+run has them, `ctx.inputs_of(kind)` (every judgments table, the judge, ...),
+and writes everything into `ctx.out` (a temporary folder). When `fn` returns,
+the runner writes `manifest.json` (config hash, input hashes, output hash,
+metrics, wall time) and renames the folder into place, so a crash never
+leaves a half-written output behind. A rerun skips every stage whose manifest
+still matches its config section and its inputs.
+
+Which stages a run has follows its config and its data (`stage_graph`): no
+engagement table, no audit; `judge.kind: none`, no judge stages; no writer,
+no synthetic queries; `sweep: null`, no sweep. Each stage then gets the
+inputs among the stages kept. A limit that makes a stage drop data
+(`max_*` settings) says so in the log and in the manifest (`note_limit`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,27 +40,115 @@ class Stage:
     target: str  # "module:function", imported when the stage runs
     inputs: tuple[str, ...] = ()
     config: tuple[str, ...] = ()  # RunConfig sections (dotted for a subsection) that change the output
-    optional: tuple[str, ...] = ()  # inputs used when present (their hash still counts)
+    optional: tuple[str, ...] = ()  # inputs used when they have run (their hash still counts)
+    provides: str | None = None  # what its output is to a reader that takes every input of a kind (StageContext.inputs_of)
 
     def function(self) -> Callable[["StageContext"], dict]:
         module, _, attr = self.target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
 
-# The main job, in order. A stage's `config` lists the RunConfig sections it reads.
+# Every stage the method has, in order, each with every input it can take and the RunConfig sections
+# it reads. A run's graph (`stage_graph`) keeps the stages its config and data call for, and of each
+# stage's inputs the ones it kept.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
-    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge.kind", "judge.model", "judge.finetune")),
-    Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label")),
-    Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit")),
-    Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize")),
-    Stage("stage1", "mr_ray.retriever.train:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder", "stage1")),
+    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge.kind", "judge.model", "judge.finetune"), provides="judge"),
+    Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label"), provides="judgments"),
+    Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit"), provides="judgments"),
+    Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize"), provides="judgments"),
+    Stage("stage1", "mr_ray.retriever.stages:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder", "stage1"), provides="encoder"),
     Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
-    Stage("stage2", "mr_ray.retriever.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2")),
-    Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep")),
-    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage1", "stage2"), ("encoder", "evaluate"), optional=("judge_finetune", "label", "audit")),
+    Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep"), provides="tuned"),
+    Stage("stage2", "mr_ray.retriever.stages:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep"), ("encoder", "stage1", "stage2"), provides="encoder"),
+    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2"), ("encoder", "evaluate")),
     Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index"), optional=("stage1", "stage2")),
 )
+PROVIDES = {stage.name: stage.provides for stage in STAGES}
+JUDGE_STAGES = ("judge_finetune", "label", "audit", "synthesize")
+NOT_PREPARED = "prepare has not run"  # why a graph holds only prepare: the rest depends on what it writes
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The stages of one run, in order, and the stages the method has that this run leaves out, with why."""
+
+    stages: tuple[Stage, ...]
+    left_out: dict[str, str] = field(default_factory=dict)
+
+    def names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+
+def prepared_tables(run_dir: Path) -> set[str] | None:
+    """The non-empty tables the run's `prepare` wrote (from its manifest), or None before it has run."""
+    manifest = read_manifest(run_dir / "prepare")
+    if manifest is None:
+        return None
+    return {table for table, rows in manifest["metrics"]["rows"].items() if rows}
+
+
+def stages_left_out(config: RunConfig, tables: set[str]) -> dict[str, str]:
+    """The stages this config and data leave out, with the reason a report gives."""
+    out: dict[str, str] = {}
+    if config.judge.kind == "none":
+        out.update({name: "judge.kind: none" for name in JUDGE_STAGES})
+    if "engagement" not in tables:
+        out.setdefault("audit", "no engagement table")
+    if config.judge.synthesize.writer is None:
+        out.setdefault("synthesize", "judge.synthesize.writer: null")
+    if config.sweep is None:
+        out["sweep"] = "sweep: null"
+    return out
+
+
+def stage_graph(config: RunConfig, tables: set[str] | None) -> Graph:
+    """The run's graph from its config and the tables `prepare` wrote (None: prepare has not run, so
+    only prepare is known): the stages kept, each with the inputs among them."""
+    if tables is None:
+        return Graph(STAGES[:1], {stage.name: NOT_PREPARED for stage in STAGES[1:]})
+    left_out = stages_left_out(config, tables)
+    kept = [stage for stage in STAGES if stage.name not in left_out]
+    names = {stage.name for stage in kept}
+    stages = tuple(
+        replace(stage, inputs=tuple(i for i in stage.inputs if i in names), optional=tuple(i for i in stage.optional if i in names))
+        for stage in kept
+    )
+    return Graph(stages, left_out)
+
+
+def run_graph(config: RunConfig, run_dir: Path) -> Graph:
+    """The graph of the run in `run_dir` as far as it is known now (`prepare` settles the rest)."""
+    return stage_graph(config, prepared_tables(run_dir))
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A config setting that caps how much data a stage takes (value None = all), by its dotted key."""
+
+    setting: str
+    value: int | None
+
+    @classmethod
+    def of(cls, config: RunConfig, setting: str) -> "Limit":
+        return cls(setting, config_section(config, setting))
+
+
+# The running stage's record of the data its limits left out: (log, notes); None outside a stage.
+_LIMIT_NOTES: ContextVar[tuple[Callable, list[str]] | None] = ContextVar("limit_notes", default=None)
+
+
+def note_limit(limit: Limit | None, kept: int, total: int, unit: str) -> None:
+    """Say that `limit` kept `kept` of `total` `unit`, in the running stage's log and its manifest's
+    metrics (`limits`); nothing when it dropped nothing."""
+    record = _LIMIT_NOTES.get()
+    if limit is None or kept >= total or record is None:
+        return
+    log, notes = record
+    note = f"{kept} of {total} {unit} ({limit.setting})"
+    if note not in notes:
+        notes.append(note)
+        log(note)
 
 
 @dataclass
@@ -62,11 +158,17 @@ class StageContext:
     out: Path
     stage: Stage
     _inputs: dict[str, Path] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)  # the run's graph: stages it leaves out, and why
 
     def input(self, name: str) -> Path:
         if name not in self._inputs:
-            raise KeyError(f"stage {self.stage.name!r} did not declare input {name!r}")
+            raise KeyError(f"stage {self.stage.name!r} was given no input {name!r}")
         return self._inputs[name]
+
+    def inputs_of(self, kind: str) -> list[Path]:
+        """The output folders of every input the graph gave this stage that provides `kind` (judge,
+        judgments, encoder, tuned), in graph order."""
+        return [folder for name, folder in self._inputs.items() if PROVIDES.get(name) == kind]
 
 
 def tree_hash(path: Path) -> str:
@@ -114,27 +216,35 @@ def is_current(stage: Stage, config: RunConfig, run_dir: Path) -> bool:
     return manifest.get("config_hash") == want["config_hash"] and manifest.get("input_hashes") == want["input_hashes"]
 
 
-def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print) -> dict:
-    """Run one stage into a temp folder, write its manifest, rename it into place."""
+def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print, left_out: dict[str, str] | None = None) -> dict:
+    """Run one stage into a temp folder, write its manifest, rename it into place.
+
+    `left_out`: the stages the run's graph leaves out, and why (the evaluate stage reports them)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = expected_identity(stage, config, run_dir)
     upstream = identity["input_hashes"]  # None where an upstream stage has no manifest
     for name in stage.inputs:
         if upstream[name] is None:
-            raise RuntimeError(f"stage {stage.name!r} needs the output of {name!r}, which has not run in {run_dir}")
+            raise ConfigError(f"stage {stage.name!r} needs the output of {name!r}, which has not run in {run_dir}")
     # The stage folder is replaced only if it holds this stage's previous output (or nothing),
     # and never if it is (or holds) the data source; checked before the stage runs.
     with placed_output(run_dir / stage.name, stage.name, config.data.paths().values()) as tmp:
-        ctx = StageContext(config, run_dir, tmp, stage, {name: run_dir / name for name, found in upstream.items() if found is not None})
+        inputs = {name: run_dir / name for name, found in upstream.items() if found is not None}
+        ctx = StageContext(config, run_dir, tmp, stage, inputs, dict(left_out or {}))
         log(f"[mr-ray] stage {stage.name}: running")
+        limits: list[str] = []
+        token = _LIMIT_NOTES.set((lambda note: log(f"[mr-ray] stage {stage.name}: {note}"), limits))
         started = time.perf_counter()
-        metrics = stage.function()(ctx) or {}
+        try:
+            metrics = stage.function()(ctx) or {}
+        finally:
+            _LIMIT_NOTES.reset(token)
         wall = time.perf_counter() - started
         manifest = {
             "stage": stage.name,
             **identity,
             "output_hash": tree_hash(tmp),
-            "metrics": metrics,
+            "metrics": {**metrics, "limits": limits} if limits else metrics,
             "wall_time_s": round(wall, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -178,25 +288,42 @@ def run_pipeline(
     only: list[str] | None = None,
     force: bool = False,
     log=print,
-    stages: tuple[Stage, ...] = STAGES,
+    stages: tuple[Stage, ...] | None = None,
+    until: str | None = None,
 ) -> dict[str, str]:
-    """Run the stage graph (or `only` some stages); returns {stage: 'ran' | 'skipped'}."""
+    """Run the run's stage graph (or `only` some of its stages, or every stage `until` one); returns
+    {stage: 'ran' | 'skipped'}.
+
+    The graph is `stage_graph` of the config and of what `prepare` wrote, worked out again after every
+    stage (prepare settles it); `stages` gives a fixed graph instead. A stage asked for that the graph
+    leaves out is a ConfigError saying why.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(run_dir)
-    unknown = [name for name in only or [] if name not in {s.name for s in stages}]
+    known = [s.name for s in stages or STAGES]
+    asked = [*(only or []), *([until] if until else [])]
+    unknown = [name for name in asked if name not in known]
     if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; stages are {[s.name for s in stages]}")
-    outcome = {}
-    for stage in stages:
-        if only and stage.name not in only:
-            continue
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {known}")
+    outcome: dict[str, str] = {}
+    while True:
+        graph = Graph(stages) if stages is not None else run_graph(config, run_dir)
+        names = graph.names()
+        not_in_graph = {name: graph.left_out[name] for name in asked if name not in names and graph.left_out[name] != NOT_PREPARED}
+        if not_in_graph:
+            raise ConfigError("; ".join(f"stage {name!r} is not in this run's graph ({why})" for name, why in not_in_graph.items()))
+        wanted = names[: names.index(until) + 1] if until in names else names
+        pending = [stage for stage in graph.stages if stage.name not in outcome and stage.name in (only or wanted)]
+        if not pending:
+            break
+        stage = pending[0]
         if not force and is_current(stage, config, run_dir):
             log(f"[mr-ray] stage {stage.name}: skipped (manifest matches)")
             outcome[stage.name] = "skipped"
             continue
         try:
-            run_stage(stage, config, run_dir, log=log)
+            run_stage(stage, config, run_dir, log=log, left_out=graph.left_out)
         except Exception as err:
             # A full or read-only run folder surfaces deep inside a stage (often in a Ray
             # worker, as text): say so plainly when that is what stopped it.
@@ -205,4 +332,7 @@ def run_pipeline(
                 raise RunFolderError(f"stage {stage.name!r} stopped: {problem}; the finished stages in it are kept") from err
             raise
         outcome[stage.name] = "ran"
+    missing = [name for name in asked if name not in outcome]
+    if missing:  # asked for, but prepare has not run (and was not asked for) to settle the graph
+        raise ConfigError("; ".join(f"stage {name!r} needs the output of 'prepare', which has not run in {run_dir}" for name in missing))
     return outcome

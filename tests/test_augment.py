@@ -6,7 +6,7 @@ import pytest
 
 from mr_ray.config import Stage1Config
 from mr_ray.data.augment import augment_queries, misspell
-from mr_ray.retriever.train import build_examples, examples_with_augmentation
+from mr_ray.retriever.examples import build_examples, examples_with_augmentation
 
 QUERIES = pd.DataFrame(
     {

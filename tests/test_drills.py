@@ -27,23 +27,16 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 CHILD_TIMEOUT_S = 600  # the machine is shared: a tiny stage can take minutes under load
 # The sample catalog, tiny, and a Stage 1 that trains on the human labels only
-# (the judge's stages are left out of its inputs): three epochs of six steps.
+# (no judge: the run's graph has no judge stages): three epochs of six steps.
 TINY = {
     "data.sample": {"n_products": 300, "n_queries": 60, "seed": 5},
+    "judge.kind": "none",
     "stage1": {
         "max_train_queries": 24, "epochs": 3, "queries_per_batch": 4, "products_per_query": 2,
         "learning_rate": 2e-4, "max_seq_length": 24, "warmup_fraction": 0.0, "judgment_sources": ["human"],
         "augment": {"rate": 0.0},
     },
 }
-
-
-def drill_stages() -> tuple:
-    """prepare, Stage 1 on the human labels (no judge stages), and the index."""
-    from mr_ray.pipeline import STAGES
-    from mr_ray.retriever.train import retriever_stages
-
-    return retriever_stages(with_judge=False) + tuple(stage for stage in STAGES if stage.name == "index")
 
 
 def child_main(spec: dict) -> None:
@@ -55,7 +48,7 @@ def child_main(spec: dict) -> None:
 
     config = load_config(None, spec.get("overrides", TINY))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    outcome = run_pipeline(config, spec["run_dir"], only=spec["only"], stages=drill_stages())
+    outcome = run_pipeline(config, spec["run_dir"], only=spec["only"])
     print("OUTCOME " + json.dumps(outcome), flush=True)
 
 
@@ -200,7 +193,7 @@ def test_stage1_resumes_after_its_worker_is_killed(reference, tmp_path):
 
 def test_killed_driver_leaves_no_folder_taken_for_a_finished_stage(reference, tmp_path):
     from mr_ray.config import load_config
-    from mr_ray.pipeline import is_current
+    from mr_ray.pipeline import is_current, run_graph
 
     run_dir = prepared_copy(reference, tmp_path / "run")
     child = Child(run_dir, ["prepare", "index"], tmp_path / "killed.log")
@@ -213,7 +206,7 @@ def test_killed_driver_leaves_no_folder_taken_for_a_finished_stage(reference, tm
         child.reap()
     assert "index" not in {p.name for p in run_dir.iterdir()}
     assert any(p.is_file() for p in run_dir.glob(".tmp-index-*/**/*")), "nothing half-written was left to check"
-    stages = {s.name: s for s in drill_stages()}
+    stages = {s.name: s for s in run_graph(load_config(None, TINY), run_dir).stages}
     assert not is_current(stages["index"], load_config(None, TINY), run_dir)
     assert_finished_and_intact(run_dir / "prepare")
 

@@ -22,7 +22,7 @@ judge:
 stage1: {max_train_queries: 60}
 stage2: {max_train_queries: 60}
 mine: {k: 20, max_queries: 60}
-sweep: {trials_per_stage: 1, epochs: 1, max_train_queries: 30, max_dev_queries: 15}
+sweep: {trials: 1, epochs: 1, max_train_queries: 30, max_dev_queries: 15}
 evaluate:
   split: test
 """

@@ -4,6 +4,7 @@ import json
 
 import faiss
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -87,20 +88,73 @@ def test_thresholds_on_a_hand_made_case():
     thresholds, report = calibrate_thresholds(scores, grades)
     assert thresholds.exact == pytest.approx((0.80 + 0.62) / 2)
     assert thresholds.partial == pytest.approx((0.50 + 0.30) / 2)
-    assert report["balanced_accuracy"] == {"2|1": 1.0, "1|0": 1.0}
+    assert report["f1"] == {"2|1": 1.0, "1|0": 1.0}
+    assert report["tiers"] == {"exact": {"precision": 1.0, "recall": 1.0}, "exact+partial": {"precision": 1.0, "recall": 1.0}}
     assert thresholds.grade(scores).tolist() == grades
     assert thresholds.grade([0.9, 0.5, 0.39, 0.41]).tolist() == [2, 1, 0, 1]
 
 
-def test_thresholds_with_overlap_pick_the_best_balanced_cut():
+def test_thresholds_with_overlap_pick_the_best_f1_cut():
     # A grade-1 pair (0.75) outscores two exact ones; cutting below all exact pairs
-    # (TPR 1, FPR 1/4) beats cutting above it (TPR 1/2, FPR 0).
+    # (precision 4/5, recall 1: F1 8/9) beats cutting above it (precision 1, recall 1/2: F1 2/3).
     scores = [0.9, 0.8, 0.7, 0.4, 0.75, 0.3, 0.2, 0.1]
     grades = [2, 2, 2, 2, 1, 1, 0, 0]
     thresholds, report = calibrate_thresholds(scores, grades)
     assert thresholds.exact == pytest.approx((0.4 + 0.3) / 2)
     assert thresholds.partial == pytest.approx((0.3 + 0.2) / 2)
-    assert report["balanced_accuracy"] == {"2|1": 0.875, "1|0": 1.0}
+    assert report["f1"] == {"2|1": pytest.approx(8 / 9, abs=1e-4), "1|0": 1.0}
+    assert report["tiers"]["exact"] == {"precision": 0.8, "recall": 1.0}
+
+
+def test_unjudged_random_products_lift_the_exact_cut_above_lookalikes():
+    """Judged pairs are the pool's hardest candidates; the catalog also holds lookalikes nobody judged
+    (cordless mice for "cordless drill"), each sampled one standing for many such products."""
+    judged_scores = [0.80, 0.70, 0.55, 0.60, 0.50, 0.20, 0.10]
+    judged_grades = [2, 2, 2, 1, 1, 0, 0]
+    alone, _ = calibrate_thresholds(judged_scores, judged_grades)
+    assert alone.exact == pytest.approx((0.55 + 0.50) / 2)  # all three exact in, one partial too: F1 6/7
+    # Two sampled unjudged products at 0.58 and 0.62, grade 0, each standing for 10 of the catalog's:
+    # the old cut would show 3 exact among 24 products (F1 2/9); cutting above them shows 2 of 2 (F1 4/5).
+    scores = judged_scores + [0.58, 0.62, 0.05]
+    grades = judged_grades + [0, 0, 0]
+    weights = [1.0] * len(judged_scores) + [10.0, 10.0, 10.0]
+    thresholds, report = calibrate_thresholds(scores, grades, weights)
+    assert thresholds.exact == pytest.approx((0.70 + 0.62) / 2)
+    # The lookalikes now sit below the exact tier (and, ten of them each, below the partial one: the 1|0 cut above them
+    # keeps F1 4/7 where one below them shows 5 right among 25, F1 1/3).
+    assert thresholds.grade([0.62, 0.58]).tolist() == [0, 0] and thresholds.partial == thresholds.exact
+    assert report["f1"]["2|1"] == pytest.approx(0.8, abs=1e-4)
+    assert report["tiers"]["exact"] == {"precision": 1.0, "recall": round(2 / 3, 4)}
+
+
+def test_calibration_pairs_sample_unjudged_products_as_grade_zero(tmp_path):
+    from mr_ray.config import IndexConfig
+    from mr_ray.index.build import UNJUDGED_ASSUMPTION, calibration_pairs
+
+    products = [f"p{i:02d}" for i in range(50)]
+    tables = {
+        "products": {"product_id": products, "title": [f"title {p}" for p in products]},
+        "queries": {"query_id": ["q1", "q2", "q3"], "text": ["drill", "sofa", "lamp"], "split": ["dev", "dev", "train"]},
+        "judgments": {"query_id": ["q1", "q1", "q2", "q3"], "product_id": ["p00", "p01", "p02", "p03"], "grade": [2, 1, 2, 2], "source": ["human"] * 4},
+    }
+    for name, columns in tables.items():
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table(columns), tmp_path / name / "part-00000.parquet")
+    pairs, summary = calibration_pairs(tmp_path, IndexConfig(calibration_unjudged=20, calibration_seed=3))
+    judged, sampled = pairs[pairs["judged"]], pairs[~pairs["judged"]]
+    assert sorted(zip(judged["query_id"], judged["product_id"], judged["grade"])) == [("q1", "p00", 2), ("q1", "p01", 1), ("q2", "p02", 2)]
+    assert (judged["weight"] == 1.0).all() and (sampled["grade"] == 0).all()
+    for query, own_judged in (("q1", {"p00", "p01"}), ("q2", {"p02"})):
+        mine = sampled[sampled["query_id"] == query]
+        assert len(mine) == mine["product_id"].nunique() == 20 and not own_judged & set(mine["product_id"])
+        assert mine["weight"].tolist() == [(50 - len(own_judged)) / 20] * 20  # each stands for its share of the unjudged rest
+    assert "q3" not in set(pairs["query_id"])  # a train query
+    assert summary == {"split": "dev", "truth": "human judgments", "queries": 2, "judged_pairs": 3, "unjudged_sampled_per_query": 20,
+                       "unjudged_pairs": 40, "seed": 3, "assumption": UNJUDGED_ASSUMPTION}
+    again, _ = calibration_pairs(tmp_path, IndexConfig(calibration_unjudged=20, calibration_seed=3))
+    assert again.equals(pairs)  # seeded
+    everything, _ = calibration_pairs(tmp_path, IndexConfig(calibration_unjudged=500))
+    assert (~everything["judged"]).sum() == 48 + 49 and (everything.loc[~everything["judged"], "weight"] == 1.0).all()
 
 
 def test_partial_threshold_is_capped_at_the_exact_one():
@@ -121,15 +175,10 @@ def test_thresholds_need_pairs_on_both_sides(tmp_path):
 
 
 def test_choose_encoder_prefers_stage2_then_stage1(tmp_path):
-    assert choose_encoder(tmp_path, EncoderConfig()) == (None, "pretrained")
-    assert choose_encoder(tmp_path, EncoderConfig(model="/models/base")) == ("/models/base", "config")
-    for stage in ("stage1", "stage2"):
-        (tmp_path / stage / "model").mkdir(parents=True)
-    assert choose_encoder(tmp_path, EncoderConfig()) == (None, "pretrained")  # no manifest: the stage never finished
-    (tmp_path / "stage1" / MANIFEST).write_text("{}")
-    assert choose_encoder(tmp_path, EncoderConfig()) == (str(tmp_path / "stage1" / "model"), "stage1")
-    (tmp_path / "stage2" / MANIFEST).write_text("{}")
-    assert choose_encoder(tmp_path, EncoderConfig()) == (str(tmp_path / "stage2" / "model"), "stage2")
+    assert choose_encoder([], EncoderConfig()) == (None, "pretrained")
+    assert choose_encoder([], EncoderConfig(model="/models/base")) == ("/models/base", "config")
+    assert choose_encoder([tmp_path / "stage1"], EncoderConfig()) == (str(tmp_path / "stage1" / "model"), "stage1")
+    assert choose_encoder([tmp_path / "stage1", tmp_path / "stage2"], EncoderConfig()) == (str(tmp_path / "stage2" / "model"), "stage2")
 
 
 def test_index_stage_on_the_sample_catalog(ray_local, tmp_path):
@@ -159,6 +208,13 @@ def test_index_stage_on_the_sample_catalog(ray_local, tmp_path):
     assert per_grade["exact"]["mean_score"] > per_grade["partial"]["mean_score"] > per_grade["irrelevant"]["mean_score"]
     stage_metrics = json.loads((index_dir / MANIFEST).read_text())["metrics"]
     assert stage_metrics["products"] == 300 and stage_metrics["shards"] == 3
+    # The sample's gold is the truth; every dev query got 200 unjudged products as grade 0, said in the index manifest.
+    calibration = manifest["calibration"]
+    assert calibration["truth"] == "gold" and calibration["unjudged_pairs"] == 200 * calibration["queries"]
+    assert "grade 0" in calibration["assumption"] and thresholds["calibration"]["unjudged_pairs"] == calibration["unjudged_pairs"]
+    for mode, tiers in stage_metrics["dev_tiers"].items():
+        # A tier mostly right: far above the exact products' share of the catalog (about 1 in 100 per query).
+        assert tiers["exact"]["precision"] > 0.1 and tiers["exact+partial"]["precision"] > 0.3, (mode, tiers)
     # Lexical shards beside the dense ones, and every retrieval mode calibrated on dev.
     assert [s.lexical.n_docs for s in shards] == [100, 100, 100]
     modes, weight = load_retrieval_thresholds(index_dir)
@@ -219,8 +275,8 @@ def test_thresholds_calibrated_on_fused_scores():
     lexical = [1.00, 0.90, 0.10, 0.20, 0.00, 0.10]
     grades = [2, 2, 1, 1, 0, 0]
     by_mode, report = calibrate_retrieval(dense, lexical, grades, weight=0.5)
-    assert report["dense"]["balanced_accuracy"]["2|1"] < 1.0
-    assert report["hybrid"]["balanced_accuracy"] == {"2|1": 1.0, "1|0": 1.0}
+    assert report["dense"]["f1"]["2|1"] < 1.0
+    assert report["hybrid"]["f1"] == {"2|1": 1.0, "1|0": 1.0}
     # fused: 0.80, 0.85, 0.36, 0.39, 0.15, 0.15 -> cuts halfway between 0.80 and 0.39, and 0.36 and 0.15
     assert by_mode["hybrid"].exact == pytest.approx((0.80 + 0.39) / 2)
     assert by_mode["hybrid"].partial == pytest.approx((0.36 + 0.15) / 2)

@@ -50,7 +50,7 @@ def test_config_kind_defaults_and_explicit_values_win():
     cross = load_config(overrides={"judge.finetune.epochs": 1}).judge.finetune
     assert (cross.max_examples, cross.train_layers, cross.learning_rate, cross.epochs) == (None, None, 5e-5, 1)
     causal = load_config(overrides={"judge.kind": "causal_lm"}).judge.finetune
-    assert (causal.max_examples, causal.train_layers, causal.learning_rate) == (480, 4, 3e-4)
+    assert (causal.max_examples, causal.train_layers, causal.learning_rate) == (None, 4, 3e-4)
     assert isinstance(judge_of_kind("causal_lm"), CausalLMJudge)
 
 

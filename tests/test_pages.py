@@ -11,7 +11,6 @@ Screenshots go to $MR_RAY_SCREENSHOTS (docs/ for the committed ones) or the test
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,9 @@ import requests
 
 from mr_ray.config import EncoderConfig, EvaluateConfig, ServeConfig, load_config
 from mr_ray.pipeline import run_pipeline
+from mr_ray.serve.ports import free_port
 
 QUERY = "black leather sofa"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,14 @@
 """The runner: manifests, skipping, re-running on change, nothing half-written on a crash."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from mr_ray.config import ConfigError, load_config
-from mr_ray.pipeline import Stage, run_pipeline
+from mr_ray.pipeline import Limit, Stage, StageContext, note_limit, read_manifest, run_pipeline, stage_graph
 
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 CALLS: list[str] = []
 
 
@@ -21,6 +23,13 @@ def consume(ctx):
     value = (ctx.input("produce") / "value.txt").read_text()
     (ctx.out / "double.txt").write_text(value * 2)
     return {}
+
+
+def capped(ctx):
+    """A stage whose limit keeps 20 of 150 queries, and one that keeps everything."""
+    note_limit(Limit.of(ctx.config, "judge.label.max_queries"), 20, 150, "queries")
+    note_limit(Limit.of(ctx.config, "mine.max_queries"), 40, 40, "train queries")
+    return {"labelled": 20}
 
 
 def crash(ctx):
@@ -77,7 +86,7 @@ def test_crash_keeps_previous_output_and_leaves_no_partial(tmp_path):
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="needs the output of 'produce'"):
+    with pytest.raises(ConfigError, match="needs the output of 'produce'"):
         run_pipeline(load_config(), tmp_path, only=["consume"], stages=STAGES)
 
 
@@ -112,3 +121,135 @@ def test_subsection_config_only_reruns_its_readers(tmp_path):
     assert run_pipeline(load_config(overrides={"judge.synthesize.max_products": 3}), tmp_path, stages=stages) == {"produce": "skipped"}
     assert run_pipeline(load_config(overrides={"judge.audit.prompt_variants": 1}), tmp_path, stages=stages) == {"produce": "ran"}
     assert run_pipeline(load_config(overrides={"judge.audit.prompt_variants": 1, "evaluate.seed": 3}), tmp_path, stages=stages) == {"produce": "ran"}
+
+
+SAMPLE_TABLES = {"products", "queries", "judgments", "engagement", "gold", "pool"}  # what prepare writes for the sample catalog
+HOMEDEPOT_TABLES = {"products", "queries", "judgments"}  # human grades, no engagement
+
+
+def graph_inputs(config, tables) -> dict[str, tuple[str, ...]]:
+    return {stage.name: stage.inputs + stage.optional for stage in stage_graph(config, tables).stages}
+
+
+@pytest.mark.parametrize("kind", ["cross_encoder", "causal_lm"])
+def test_graph_with_a_judge_of_either_kind_and_engagement_runs_every_stage(kind):
+    config = load_config(None, {"judge.kind": kind})
+    inputs = graph_inputs(config, SAMPLE_TABLES)
+    assert list(inputs) == ["prepare", "judge_finetune", "label", "audit", "synthesize", "stage1", "mine", "sweep", "stage2", "evaluate", "index"]
+    assert inputs["stage1"] == ("prepare", "label", "audit", "synthesize")
+    assert inputs["mine"] == ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune")  # mining re-annotates with the judge
+    assert inputs["stage2"] == ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep")  # the sweep feeds Stage 2
+    assert inputs["evaluate"] == ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2")
+    assert stage_graph(config, SAMPLE_TABLES).left_out == {}
+
+
+def test_graph_without_engagement_has_no_audit():
+    graph = stage_graph(load_config(REPO_CONFIGS / "homedepot.yaml"), HOMEDEPOT_TABLES)
+    inputs = {stage.name: stage.inputs for stage in graph.stages}
+    assert "audit" not in inputs and graph.left_out == {"audit": "no engagement table"}
+    assert inputs["stage1"] == ("prepare", "label", "synthesize")
+    assert inputs["mine"] == ("prepare", "label", "synthesize", "stage1", "judge_finetune")
+    assert inputs["evaluate"] == ("prepare", "judge_finetune", "label", "stage1", "stage2")
+    assert "audit" in stage_graph(load_config(), HOMEDEPOT_TABLES | {"engagement"}).names()
+
+
+def test_the_graph_reads_the_tables_prepare_wrote_from_its_manifest(tmp_path):
+    from mr_ray.pipeline import prepared_tables, run_graph
+
+    assert prepared_tables(tmp_path) is None and run_graph(load_config(), tmp_path).names() == ["prepare"]
+    (tmp_path / "prepare").mkdir()
+    rows = {"products": 3, "queries": 2, "judgments": 4, "engagement": 0}  # an empty engagement table is no engagement either
+    (tmp_path / "prepare" / "manifest.json").write_text(json.dumps({"stage": "prepare", "metrics": {"rows": rows}}))
+    assert prepared_tables(tmp_path) == {"products", "queries", "judgments"}
+    assert run_graph(load_config(), tmp_path).left_out == {"audit": "no engagement table"}
+
+
+def test_graph_without_a_judge_trains_on_human_labels_only():
+    graph = stage_graph(load_config(None, {"judge.kind": "none"}), SAMPLE_TABLES)
+    inputs = {stage.name: stage.inputs + stage.optional for stage in graph.stages}
+    assert list(inputs) == ["prepare", "stage1", "mine", "sweep", "stage2", "evaluate", "index"]
+    assert inputs["stage1"] == ("prepare",) and inputs["mine"] == ("prepare", "stage1")
+    assert inputs["stage2"] == ("prepare", "stage1", "mine", "sweep")
+    assert graph.left_out == {name: "judge.kind: none" for name in ("judge_finetune", "label", "audit", "synthesize")}
+
+
+def test_graph_leaves_out_synthesis_without_a_writer_and_the_sweep_when_null():
+    graph = stage_graph(load_config(None, {"judge.synthesize.writer": None, "sweep": None}), SAMPLE_TABLES)
+    inputs = {stage.name: stage.inputs for stage in graph.stages}
+    assert "synthesize" not in inputs and "sweep" not in inputs
+    assert inputs["stage2"] == ("prepare", "label", "audit", "stage1", "mine")
+    assert graph.left_out == {"synthesize": "judge.synthesize.writer: null", "sweep": "sweep: null"}
+
+
+def test_before_prepare_the_graph_is_prepare_alone():
+    graph = stage_graph(load_config(), None)
+    assert graph.names() == ["prepare"] and set(graph.left_out.values()) == {"prepare has not run"}
+
+
+def test_a_stage_the_graph_leaves_out_is_a_one_line_error(tmp_path):
+    """`mr-ray stage audit` on data without engagement: the runner says why there is no audit, before running anything."""
+    from mr_ray.data.prepare import load_source, write_tables
+    from mr_ray.pipeline import STAGES, run_stage
+
+    config = load_config(None, {"data.sample": {"n_products": 60, "n_queries": 20}})
+    source = tmp_path / "source"
+    tables = load_source(config.data)
+    write_tables({kind: table for kind, table in tables.items() if kind in ("products", "queries", "judgments")}, source)
+    config = load_config(None, {"data": {"source": "canonical", "path": str(source)}})
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match="needs the output of 'prepare'"):
+        run_pipeline(config, run_dir, only=["stage1"])
+    run_stage(STAGES[0], config, run_dir)
+    with pytest.raises(ConfigError, match=r"^stage 'audit' is not in this run's graph \(no engagement table\)$"):
+        run_pipeline(config, run_dir, only=["audit"])
+    with pytest.raises(ConfigError, match=r"stage 'label' is not in this run's graph \(judge.kind: none\)"):
+        run_pipeline(load_config(None, {"data": {"source": "canonical", "path": str(source)}, "judge.kind": "none"}), run_dir, only=["label"])
+    assert sorted(p.name for p in run_dir.iterdir()) == ["prepare"]
+
+
+def test_a_limit_that_drops_data_is_logged_and_in_the_manifest(tmp_path):
+    log: list[str] = []
+    stages = (Stage("label", f"{__name__}:capped", (), ("judge.label",)),)
+    run_pipeline(load_config(None, {"judge.label.max_queries": 20}), tmp_path, stages=stages, log=log.append)
+    note = "20 of 150 queries (judge.label.max_queries)"
+    assert f"[mr-ray] stage label: {note}" in log
+    assert read_manifest(tmp_path / "label")["metrics"] == {"labelled": 20, "limits": [note]}  # the limit that kept all is not mentioned
+    assert not any("mine.max_queries" in line for line in log)
+
+
+def test_library_defaults_take_all_the_data_and_the_sample_job_sets_its_limits():
+    defaults, sample = load_config(), load_config(REPO_CONFIGS / "sample.yaml")
+    limits = ("judge.finetune.max_examples", "judge.finetune.max_holdout", "judge.label.max_queries", "judge.synthesize.max_products",
+              "mine.max_queries", "stage1.max_train_queries", "stage2.max_train_queries", "sweep.max_train_queries",
+              "sweep.max_dev_queries", "evaluate.max_queries")
+    assert {name: Limit.of(defaults, name).value for name in limits} == dict.fromkeys(limits)
+    assert load_config(None, {"judge.kind": "causal_lm"}).judge.finetune.max_examples is None
+    assert {name: Limit.of(sample, name).value for name in limits if Limit.of(sample, name).value is not None} == {
+        "judge.finetune.max_holdout": 100, "judge.label.max_queries": 20, "judge.synthesize.max_products": 8,
+        "mine.max_queries": 16, "sweep.max_train_queries": 64, "sweep.max_dev_queries": 60,
+    }
+
+
+def test_the_report_says_what_the_graph_left_out_and_where_stage2_settings_came_from(tmp_path):
+    from mr_ray.evaluate import run_section
+
+    stage2 = tmp_path / "stage2"
+    stage2.mkdir()
+    trained_with = {"source": "sweep (best of 2 trials, dev NDCG@10 0.7000)", "params": {"scale": 16.0, "temperature": 0.1}}
+    (stage2 / "manifest.json").write_text(json.dumps({"stage": "stage2", "metrics": {"trained_with": trained_with}}))
+    evaluate = Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage2"))
+    ctx = StageContext(load_config(), tmp_path, tmp_path, evaluate, {"stage2": stage2}, {"audit": "no engagement table"})
+    markdown, numbers = run_section(ctx)
+    assert "- audit: not run (no engagement table)" in markdown.splitlines()
+    assert "- stage2 trained with scale 16.0, temperature 0.1, from sweep (best of 2 trials, dev NDCG@10 0.7000)" in markdown.splitlines()
+    assert numbers == {"not_run": {"audit": "no engagement table"}, "trained_with": {"stage2": trained_with}}
+
+
+def test_mining_without_a_judge_falls_back_to_the_human_grades_and_says_so(tmp_path):
+    from mr_ray.config import MineConfig
+    from mr_ray.retriever.mining import annotator
+
+    assert annotator(MineConfig(), [tmp_path / "judge_finetune"]) == ("judge", "mine.annotator: judge")
+    who, why = annotator(MineConfig(), [])
+    assert who == "grades:judgments" and "no judge ran (judge.kind: none)" in why
+    assert annotator(MineConfig(annotator="grades"), [tmp_path / "judge_finetune"])[0] == "grades:gold"

@@ -5,7 +5,6 @@ are checked against one exact FAISS index over the same vectors.
 """
 
 import copy
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,15 +22,11 @@ from mr_ray.index.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.pipeline import run_pipeline
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.serve.app import ServeArgs, build_app, serve_run
+from mr_ray.serve.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = ["black leather sofa", "cordless drill 20v", "zapatillas para correr", "stainless steel frying pan 12 inch"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SAMPLE = {"data.sample.n_products": 400, "data.sample.n_queries": 80, "index.n_shards": 2}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +34,7 @@ def service(ray_local, tmp_path_factory):
     from ray import serve
 
     run_dir = tmp_path_factory.mktemp("serve_run")
-    config = load_config(None, {"data.sample.n_products": 400, "data.sample.n_queries": 80, "index.n_shards": 2})
-    run_pipeline(config, run_dir, only=["prepare", "index"])
+    run_pipeline(load_config(None, SAMPLE), run_dir, only=["prepare", "index"])
     port = free_port()
     serve_run(run_dir, ServeConfig(shard_replicas=2, shard_timeout_s=3.0, max_k=50, max_query_chars=64), port=port, blocking=False)
     yield {"url": f"http://127.0.0.1:{port}", "index_dir": run_dir / "index"}
@@ -132,6 +126,24 @@ def test_search_page_is_served(app):
     page = requests.get(f"{app['url']}/", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'name="retrieval" value="hybrid"' in page.text
+
+
+def test_served_tiers_put_irrelevant_products_below_exact(service):
+    """The tiers hold against the whole catalog, not only the judged pool: the products of other types that
+    "cordless drill" brings up (screwdriver bits, tool bags, chargers: gold grade 0) are never shown as exact."""
+    from mr_ray.data.sample import ATTRIBUTES, generate_sample, gold_grade
+
+    products = generate_sample(load_config(None, SAMPLE).data.sample)["products"]
+    gold = dict(zip(products["product_id"], gold_grade({"type": "cordless drill", **dict.fromkeys(ATTRIBUTES)}, products)))
+    shown = {}
+    for mode in ("dense", "lexical", "hybrid"):
+        body = requests.get(f"{service['url']}/search", params={"query": "cordless drill", "k": 50, "retrieval": mode}, timeout=30).json()
+        shown[mode] = [(r["title"], int(gold[r["product_id"]]), r["grade"]) for r in body["results"]]
+        assert not [row for row in shown[mode] if row[1] == 0 and row[2] == 2], (mode, shown[mode])
+    assert all(any(g == 0 for _, g, _ in shown[mode]) for mode in ("dense", "hybrid"))  # each had irrelevant products to tier
+    # The hybrid exact tier is the cordless drills themselves.
+    hybrid_exact = [gold_grade for _, gold_grade, grade in shown["hybrid"] if grade == 2]
+    assert hybrid_exact and set(hybrid_exact) == {2}, shown["hybrid"]
 
 
 def test_post_min_grade_keeps_only_the_upper_tiers(app):

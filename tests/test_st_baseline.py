@@ -11,7 +11,7 @@ from mr_ray.evaluate import evaluate_stage
 from mr_ray.pipeline import STAGES, StageContext
 from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
 from mr_ray.retriever.st_baseline import exact_pairs
-from mr_ray.retriever.train import build_examples, training_set
+from mr_ray.retriever.examples import build_examples, training_set
 
 
 def test_st_mnrl_trains_on_exact_human_pairs_and_gets_its_report_row(ray_local, tmp_path):

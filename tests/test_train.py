@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from mr_ray.config import RunConfig, SampleConfig, Stage1Config, load_config
+from mr_ray.config import SampleConfig, Stage1Config, load_config
 from mr_ray.data.sample import generate_sample
 from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
-from mr_ray.retriever.train import TwoTower, build_examples, sample_batch, stage_loss, train_encoder
+from mr_ray.retriever.examples import build_examples, sample_batch
+from mr_ray.retriever.ray_train import train_encoder
+from mr_ray.retriever.stage_loss import stage_loss
+from mr_ray.retriever.two_tower import TwoTower
 
 TINY_TRAIN = {"queries_per_batch": 8, "products_per_query": 2, "learning_rate": 2e-4, "max_seq_length": 24, "warmup_fraction": 0.0}
 
@@ -65,7 +67,8 @@ def test_bf16_towers_train_with_fp32_weights_and_fp32_embeddings(tiny_examples, 
     """precision bf16: autocast forward, but the weights, the embeddings and the loss stay fp32, and the loss falls."""
     import torch
 
-    from mr_ray.retriever.train import iter_frames, make_optimizer, run_epoch
+    from mr_ray.retriever.examples import iter_frames
+    from mr_ray.retriever.loop import make_optimizer, run_epoch
 
     config = Stage1Config(epochs=1, augment={"rate": 0.0}, precision="bf16", **TINY_TRAIN)
     model = load_encoder(None, "cpu", config.max_seq_length)
@@ -88,42 +91,105 @@ def test_bf16_towers_train_with_fp32_weights_and_fp32_embeddings(tiny_examples, 
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
 
 
-def test_pipeline_stages_and_a_tiny_tune_sweep_write_best_params(ray_local, tmp_path):
-    from mr_ray.pipeline import run_pipeline
-    from mr_ray.retriever.train import retriever_stages
+def mlflow_params(run_dir, run_name_prefix: str) -> dict[str, str]:
+    """The parameters MLflow recorded for the training run whose name starts with `run_name_prefix`."""
+    for run in run_dir.glob("mlruns/*/*"):
+        name = run / "tags" / "mlflow.runName"
+        if name.exists() and name.read_text().startswith(run_name_prefix):
+            return {p.name: p.read_text() for p in (run / "params").iterdir()}
+    raise AssertionError(f"no MLflow run named {run_name_prefix}* under {run_dir / 'mlruns'}")
+
+
+def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_it(ray_local, tmp_path):
+    from mr_ray.pipeline import read_manifest, run_pipeline
 
     config = load_config(
         None,
         {
             "data.sample": {"n_products": 200, "n_queries": 60, "seed": 2},
+            "judge.kind": "none",  # human labels only; mining falls back to the human grades
             "stage1": {"max_train_queries": 16, **TINY_TRAIN},
             "stage2": {"max_train_queries": 16, **TINY_TRAIN},
-            # the LLM judge's stages are issue 3's and slow on CPU: the sample's rule grades re-annotate
-            "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2, "annotator": "grades", "max_queries": 16},
-            "sweep": {"trials_per_stage": 2, "epochs": 2, "max_train_queries": 8, "max_dev_queries": 8,
-                      "temperatures": [0.05, 0.1], "margins": [0.2, 0.3], "scales": [16.0, 32.0]},
+            "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2, "max_queries": 16},
+            # values unlike Stage 2's own (scale 32, margins 0.25, temperature 0.05), its first trial: the trained params show which won
+            "sweep": {"trials": 2, "epochs": 2, "max_train_queries": 8, "max_dev_queries": 8,
+                      "temperatures": [0.07, 0.1], "margins": [0.2, 0.3], "scales": [16.0, 24.0]},
         },
     )
-    outcome = run_pipeline(config, tmp_path, stages=retriever_stages(with_judge=False))
-    assert set(outcome.values()) == {"ran"}
+    log: list[str] = []
+    outcome = run_pipeline(config, tmp_path, until="stage2", log=log.append)
+    assert list(outcome) == ["prepare", "stage1", "mine", "sweep", "stage2"] and set(outcome.values()) == {"ran"}
     for stage in ("stage1", "stage2"):
         assert (tmp_path / stage / "model" / "model.safetensors").exists()
     mined = pd.read_parquet(tmp_path / "mine" / "mined")
     products = pd.read_parquet(tmp_path / "prepare" / "products")
     assert len(mined) > 0 and set(mined["product_id"]) <= set(products["product_id"])
     assert mined["grade"].isin([0, 1, 2]).all()
+    mine = read_manifest(tmp_path / "mine")["metrics"]
+    assert mine["annotator"] == "grades:judgments" and "no judge ran" in mine["annotator_why"]
+
+    # The limits that dropped train queries say so, in the log and in the manifest.
+    queries = pd.read_parquet(tmp_path / "prepare" / "queries")
+    n_train = int((queries["split"] == "train").sum())
+    n_dev = int((queries["split"] == "dev").sum())
+    assert n_train > 16 and n_dev > 8
+    note = f"16 of {n_train} train queries (stage1.max_train_queries)"
+    assert f"[mr-ray] stage stage1: {note}" in log
+    assert read_manifest(tmp_path / "stage1")["metrics"]["limits"] == [note]
+    assert read_manifest(tmp_path / "sweep")["metrics"]["limits"] == [
+        f"8 of {n_train} train queries (sweep.max_train_queries)", f"8 of {n_dev} dev queries (sweep.max_dev_queries)"]
 
     best = json.loads((tmp_path / "sweep" / "best_params.json").read_text())
-    assert best["stage1"]["params"]["temperature"] in (0.05, 0.1)
-    assert best["stage2"]["params"]["scale"] in (16.0, 32.0)
-    assert 0.0 < best["stage1"]["ndcg@10"] <= 1.0
-    assert len(best["stage1"]["trials"]) == 2
-    tuned = load_config(tmp_path / "sweep" / "best_config.yaml")
-    assert isinstance(tuned, RunConfig)
-    assert tuned.stage1.temperature == best["stage1"]["params"]["temperature"]
-    assert tuned.stage2.circle.margin_exact_partial == best["stage2"]["params"]["margin_exact_partial"]
-    assert tuned.stage2.circle.scale == best["stage2"]["params"]["scale"]
-    assert yaml.safe_load((tmp_path / "sweep" / "best_config.yaml").read_text())["data"] == config.data.model_dump(mode="json")
+    params = best["params"]
+    # One trial is Stage 2's own config, the other a draw from the lists; the best is the one with the top dev score.
+    own = {"margin_exact_partial": 0.25, "margin_partial_irrelevant": 0.25, "scale": 32.0, "temperature": 0.05}
+    tried = [trial["params"] for trial in best["trials"]]
+    assert len(tried) == 2 and own in tried
+    drawn = next(trial for trial in tried if trial != own)
+    assert drawn["temperature"] in (0.07, 0.1) and drawn["scale"] in (16.0, 24.0)
+    assert drawn["margin_exact_partial"] in (0.2, 0.3) and drawn["margin_partial_irrelevant"] in (0.2, 0.3)
+    top = max(best["trials"], key=lambda trial: trial["ndcg@10"])
+    assert params == top["params"] and 0.0 < best["ndcg@10"] <= 1.0
+    # Stage 2 took the sweep's result as an input and trained with its best values: its manifest says so,
+    # and so does the config its Ray Train worker logged to MLflow.
+    stage2 = read_manifest(tmp_path / "stage2")
+    assert "sweep" in stage2["input_hashes"]
+    assert stage2["metrics"]["trained_with"]["params"] == params
+    assert stage2["metrics"]["trained_with"]["source"].startswith("sweep (best of 2 trials")
+    logged = mlflow_params(tmp_path, "stage2-")
+    assert float(logged["circle.scale"]) == params["scale"] and float(logged["temperature"]) == params["temperature"]
+    assert float(logged["circle.margin_exact_partial"]) == params["margin_exact_partial"]
+
+    # Nothing changed: every stage is current. A different sweep retrains Stage 2 (not Stage 1 or mine).
+    assert set(run_pipeline(config, tmp_path, until="stage2", log=log.append).values()) == {"skipped"}
+    resweep = config.model_copy(update={"sweep": config.sweep.model_copy(update={"scales": [24.0]})})
+    assert run_pipeline(resweep, tmp_path, only=["sweep", "stage2"], log=log.append) == {"sweep": "ran", "stage2": "ran"}
+    assert read_manifest(tmp_path / "stage2")["metrics"]["trained_with"]["params"]["scale"] == 24.0
+
+
+def test_without_the_sweep_stage2_trains_with_its_own_config(tmp_path):
+    from mr_ray.pipeline import StageContext, stage_graph
+    from mr_ray.retriever.stages import stage2_settings
+    from mr_ray.retriever.sweep import BEST_PARAMS
+
+    tables = {"products", "queries", "judgments"}
+    config = load_config(None, {"sweep": None, "stage2.circle.scale": 20.0})
+    graph = {s.name: s for s in stage_graph(config, tables).stages}
+    assert "sweep" not in graph and "sweep" not in graph["stage2"].inputs
+    settings, trained_with = stage2_settings(StageContext(config, tmp_path, tmp_path, graph["stage2"], {}))
+    assert settings == config.stage2
+    assert trained_with == {"source": "config (stage2)", "params": {"margin_exact_partial": 0.25, "margin_partial_irrelevant": 0.25, "scale": 20.0, "temperature": 0.05}}
+
+    # With the sweep in the graph, its result folder overrides exactly the tuned values.
+    swept = tmp_path / "sweep"
+    swept.mkdir()
+    best = {"params": {"margin_exact_partial": 0.15, "margin_partial_irrelevant": 0.35, "scale": 64.0, "temperature": 0.1}, "ndcg@10": 0.5, "trials": [{}, {}]}
+    (swept / BEST_PARAMS).write_text(json.dumps(best))
+    stage2 = {s.name: s for s in stage_graph(load_config(), tables).stages}["stage2"]
+    settings, trained_with = stage2_settings(StageContext(config, tmp_path, tmp_path, stage2, {"sweep": swept}))
+    assert trained_with == {"source": "sweep (best of 2 trials, dev NDCG@10 0.5000)", "params": best["params"]}
+    assert (settings.circle.scale, settings.circle.margin_partial_irrelevant, settings.temperature) == (64.0, 0.35, 0.1)
+    assert settings.circle.centre_exact_partial == config.stage2.circle.centre_exact_partial and settings.partial_weight == config.stage2.partial_weight
 
 
 def test_batches_take_a_positive_then_hard_samples_and_mark_in_batch_negatives():

@@ -2,10 +2,9 @@
 
     python tune/run_sweep.py --config jobs/configs/sample.yaml --sweep tune/sample.yaml --run-dir runs/sample
 
-Runs what the sweep needs first (prepare, the judge's stages, stage1, mine; reused when
+Runs the run's graph up to the sweep (prepare, the judge's stages, stage1, mine; reused when
 their manifests match), then the sweep. The best parameters land in
-<run-dir>/sweep/best_params.json and, merged into the run config,
-<run-dir>/sweep/best_config.yaml: rerun the pipeline with `--config` that file.
+<run-dir>/sweep/best_params.json; the pipeline's stage2 trains with them.
 """
 
 from __future__ import annotations
@@ -27,15 +26,13 @@ def main() -> None:
     import ray
 
     from mr_ray.config import load_config
-    from mr_ray.pipeline import STAGES, run_pipeline
+    from mr_ray.pipeline import run_pipeline
 
     definition = yaml.safe_load(args.sweep.read_text()) or {}
     config = load_config(args.config, {"sweep": definition.get("sweep", {})})
     ray.init(address=args.address)
-    needed = [stage.name for stage in STAGES if stage.name not in ("stage2", "evaluate", "index")]
-    run_pipeline(config, args.run_dir, only=needed)
+    run_pipeline(config, args.run_dir, until="sweep")
     print(f"best parameters: {args.run_dir / 'sweep' / 'best_params.json'}")
-    print(f"tuned run config: {args.run_dir / 'sweep' / 'best_config.yaml'}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ index (any `index_factory` string, inner product), product-id map and BM25
 index of the same titles, written out before the next shard fills, so build
 memory is bounded by one shard's vectors, not the catalog's. Then the fusion
 weight and every retrieval mode's grade thresholds are calibrated on the
-held-out split, searched on the shards just built.
+held-out split (its judged pairs and a weighted random sample of the unjudged
+catalog, `calibration_pairs`), searched on the shards just built.
 """
 
 from __future__ import annotations
@@ -25,20 +26,17 @@ from mr_ray.config import EncoderConfig, IndexConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_LEXICAL_DIR, SHARD_PRODUCTS_FILE, open_shards, search_shards_both
 from mr_ray.index.thresholds import save_retrieval_thresholds
-from mr_ray.pipeline import read_manifest
 from mr_ray.retrieval import LexicalIndex, build_faiss_index, pair_scores
 from mr_ray.retriever.encoder import encode, iter_embedded, load_encoder
 
-# Trained encoders in the order they are preferred: Stage 2 refines Stage 1.
-TRAINED_ENCODER_STAGES = ("stage2", "stage1")
 
+def choose_encoder(trained: list[Path], encoder: EncoderConfig) -> tuple[str | None, str]:
+    """The best encoder this run has: (model folder or None for pretrained, where it came from).
 
-def choose_encoder(run_dir: Path, encoder: EncoderConfig) -> tuple[str | None, str]:
-    """The best encoder this run has: (model folder or None for pretrained, where it came from)."""
-    for stage in TRAINED_ENCODER_STAGES:
-        model = run_dir / stage / "model"
-        if read_manifest(run_dir / stage) is not None and model.is_dir():
-            return str(model), stage
+    `trained`: the trained encoders' stage folders the graph gave the index, in graph order (Stage 2,
+    which refines Stage 1, last)."""
+    if trained:
+        return str(trained[-1] / "model"), trained[-1].name
     return encoder.model, "config" if encoder.model else "pretrained"
 
 
@@ -105,24 +103,58 @@ def build_shard(out: Path, number: int, rows: dict[str, np.ndarray], size: int, 
     return {"name": name, "path": name, "products": size, "build_s": round(time.perf_counter() - started, 3)}
 
 
-def calibration_pairs(prepared: Path, split: str) -> pd.DataFrame:
-    """Judged (query text, product id, grade) pairs of one split's queries."""
+UNJUDGED_ASSUMPTION = (
+    "a catalog product not judged for a calibration query is grade 0 (exact on the sample catalog, whose gold holds every "
+    "grade-1/2 product of its dev and test queries); each sampled one is weighted to stand for all of that query's unjudged products"
+)
+
+
+def calibration_pairs(prepared: Path, index_cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
+    """The calibration split's (query_id, text, product_id, grade, weight, judged) pairs, and what they hold.
+
+    Judged pairs come from the run's truth (gold if prepare wrote it, else human
+    judgments, as `evaluate` reads them), weight 1. Each query also gets a seeded
+    random sample of `calibration_unjudged` catalog products not judged for it,
+    grade 0, weight (its unjudged products / sampled), so the weighted pairs
+    hold the query's whole catalog: the tiers are cut against the products a
+    search meets, not the pool's hardest candidates only.
+    """
+    from mr_ray.evaluate import truth_table
+
+    split = index_cfg.calibration_split
     queries = read_table(prepared, "queries").to_pandas()
-    judgments = read_table(prepared, "judgments").to_pandas()[["query_id", "product_id", "grade"]]
-    pairs = judgments.merge(queries[queries["split"] == split][["query_id", "text"]], on="query_id")
-    if pairs.empty:
+    judged = truth_table(prepared)[["query_id", "product_id", "grade"]].merge(queries[queries["split"] == split][["query_id", "text"]], on="query_id")
+    if judged.empty:
         raise ValueError(f"{prepared / 'judgments'}: no judged pairs for {split!r} queries to calibrate grade thresholds on")
-    return pairs
+    catalog = read_table(prepared, "products").column("product_id").to_numpy(zero_copy_only=False).astype(str)
+    rng = np.random.default_rng(index_cfg.calibration_seed)
+    sampled = []
+    for (query_id, text), group in judged.groupby(["query_id", "text"], sort=True):
+        unjudged = catalog[~np.isin(catalog, group["product_id"].to_numpy().astype(str))]
+        chosen = rng.choice(unjudged, min(index_cfg.calibration_unjudged, len(unjudged)), replace=False)
+        if len(chosen):
+            sampled.append(pd.DataFrame({"query_id": query_id, "text": text, "product_id": chosen, "grade": 0, "weight": len(unjudged) / len(chosen)}))
+    pairs = pd.concat([judged.assign(weight=1.0, judged=True)] + [frame.assign(judged=False) for frame in sampled], ignore_index=True)
+    summary = {
+        "split": split,
+        "truth": "gold" if read_table(prepared, "gold") is not None else "human judgments",
+        "queries": int(judged["query_id"].nunique()),
+        "judged_pairs": int(len(judged)),
+        "unjudged_sampled_per_query": index_cfg.calibration_unjudged,
+        "unjudged_pairs": int((~pairs["judged"]).sum()),
+        "seed": index_cfg.calibration_seed,
+        "assumption": UNJUDGED_ASSUMPTION,
+    }
+    return pairs, summary
 
 
 def calibrate_on_shards(index_dir: Path, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None) -> tuple[dict, float, dict]:
-    """Fusion weight and per-mode grade thresholds from the held-out split's judged pairs, searched on the built shards.
+    """Fusion weight and per-mode grade thresholds from the calibration pairs, searched on the built shards.
 
-    The weight maximises the split's hybrid NDCG@10 over the dense and lexical
-    top-100; the thresholds sit on each mode's score of the judged pairs
-    (BM25 from each product's own shard, over the query's best BM25 in the index).
+    The weight maximises the judged queries' hybrid NDCG@10 over the dense and
+    lexical top-100; the thresholds sit on each mode's score of the weighted
+    pairs (BM25 from each product's own shard, over the query's best BM25 in the index).
     """
-    from mr_ray.index.fusion import normalise_lexical
     from mr_ray.index.thresholds import calibrate_retrieval, choose_fusion_weight
 
     shards = open_shards(index_dir)
@@ -130,16 +162,23 @@ def calibrate_on_shards(index_dir: Path, pairs: pd.DataFrame, product_vectors: d
     queries = pairs[["query_id", "text"]].drop_duplicates("query_id")
     texts = queries["text"].tolist()
     candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode(model, texts, encoder_cfg.batch_size), texts, 100)))
-    weight, weights_ndcg = choose_fusion_weight(candidates, pairs)
-    dense = pair_scores(model, pairs, encoder_cfg.batch_size, product_vectors)  # also refuses products not in the catalog
+    weight, weights_ndcg = choose_fusion_weight(candidates, pairs[pairs["judged"]])
+    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size)
+    by_mode, report = calibrate_retrieval(dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy())
+    return by_mode, weight, {**report, "weights_ndcg@10": {str(w): round(v, 4) for w, v in weights_ndcg.items()}}
+
+
+def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each (query `text`, product) pair's cosine and normalised BM25: its BM25 in its product's shard over its query's best BM25 in any shard."""
+    from mr_ray.index.fusion import normalise_lexical
+
+    dense = pair_scores(model, pairs, batch_size, product_vectors)  # also refuses products not in the catalog
     lexical, best = np.zeros(len(pairs)), np.zeros(len(pairs))
-    for shard in shards:  # each pair's BM25 in its product's shard, over its query's best BM25 in any shard
+    for shard in shards:
         product_row = pairs["product_id"].map({pid: i for i, pid in enumerate(shard.product_ids[:-1])}).fillna(-1).astype(int).to_numpy()
         here, best_here = shard.lexical.pair_scores(pairs["text"].tolist(), product_row)
         lexical, best = lexical + here, np.maximum(best, best_here)
-    lexical_norm = normalise_lexical(lexical, best)
-    by_mode, report = calibrate_retrieval(dense, lexical_norm, pairs["grade"].to_numpy(), weight)
-    return by_mode, weight, {**report, "weights_ndcg@10": {str(w): round(v, 4) for w, v in weights_ndcg.items()}}
+    return dense, normalise_lexical(lexical, best)
 
 
 def index_stage(ctx) -> dict:
@@ -147,8 +186,8 @@ def index_stage(ctx) -> dict:
     import ray
 
     config, prepared = ctx.config, ctx.input("prepare")
-    model_path, encoder_source = choose_encoder(ctx.run_dir, config.encoder)
-    pairs = calibration_pairs(prepared, config.index.calibration_split)
+    model_path, encoder_source = choose_encoder(ctx.inputs_of("encoder"), config.encoder)
+    pairs, calibration = calibration_pairs(prepared, config.index)
     products = ray.data.read_parquet(str(prepared / "products"), columns=["product_id", "title"])
     started = time.perf_counter()
     shards, kept = build_index(products, ctx.out, config.index, config.encoder, model_path, set(pairs["product_id"]))
@@ -167,10 +206,11 @@ def index_stage(ctx) -> dict:
         "products": n_products,
         "encoder": {"source": encoder_source, "path": stored_path, "max_seq_length": config.encoder.max_seq_length},
         "shards": shards,
+        "calibration": calibration,
     }
     (ctx.out / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
     by_mode, weight, report = calibrate_on_shards(ctx.out, pairs, kept, config.encoder, model_path)
-    save_retrieval_thresholds(ctx.out, by_mode, weight, {mode: {"split": config.index.calibration_split, **r} if mode in by_mode else r for mode, r in report.items()})
+    save_retrieval_thresholds(ctx.out, by_mode, weight, {mode: {**calibration, **r} if mode in by_mode else r for mode, r in report.items()})
     thresholds = by_mode["dense"]
     return {
         "products": n_products,
@@ -180,8 +220,8 @@ def index_stage(ctx) -> dict:
         "build_s": round(time.perf_counter() - started, 2),
         "threshold_exact": round(thresholds.exact, 4),
         "threshold_partial": round(thresholds.partial, 4),
-        **{f"calibration_bacc_{b}": v for b, v in report["dense"]["balanced_accuracy"].items()},
         "fusion_weight": weight,
         "dev_ndcg@10": {"dense": report["weights_ndcg@10"]["1.0"], "lexical": report["weights_ndcg@10"]["0.0"], "hybrid": report["weights_ndcg@10"][str(weight)]},
-        **{f"hybrid_calibration_bacc_{b}": v for b, v in report["hybrid"]["balanced_accuracy"].items()},
+        "calibration_pairs": {"judged": calibration["judged_pairs"], "unjudged_sampled": calibration["unjudged_pairs"]},
+        "dev_tiers": {mode: report[mode]["tiers"] for mode in by_mode},
     }

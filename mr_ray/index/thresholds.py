@@ -1,10 +1,19 @@
-"""Per-grade score thresholds: turn a cosine score into a predicted grade tier.
+"""Per-grade score thresholds: turn a retrieval score into a predicted grade tier.
 
 The point of training with separated grades is that one score threshold per
 grade boundary works for every query: "show exact, then substitutes, cut the
-irrelevant". Each boundary (2|1 and 1|0) gets the threshold that maximises
-Youden's J (true-positive rate minus false-positive rate, i.e. balanced
-accuracy) on judged pairs of a held-out split, with the encoder that serves.
+irrelevant". A tier is what the service shows, so it is judged the way a
+shopper meets it: against the whole catalog, where a query's few exact
+products sit among thousands of irrelevant ones. Judged pairs alone are the
+pool's hardest candidates and never show that bulk (a cut fitted on them sat
+so low that every drill-ish product of "cordless drill" came back exact), so
+the `index` stage adds, per held-out query, a seeded random sample of catalog
+products not judged for it, counted as grade 0, each weighted to stand for all
+of that query's unjudged products (mr_ray.index.build.calibration_pairs).
+
+Each boundary (2|1 and 1|0) gets the threshold that maximises F1 of
+"score >= threshold" against "grade above the boundary" over those weighted
+pairs: the catalog-wide precision and recall of the tier it opens.
 
 Under hybrid retrieval the score is the weighted fusion of cosine and
 normalised BM25 (mr_ray.index.fusion): its weight is the one with the best
@@ -19,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_curve
+from sklearn.metrics import precision_recall_curve
 
 from mr_ray.grades import GRADE_NAMES, Grade
 
@@ -48,46 +57,67 @@ class GradeThresholds:
             raise ValueError(f"{path}: cannot read grade thresholds: {err}") from None
 
 
-def boundary_threshold(scores: np.ndarray, above: np.ndarray, boundary: str) -> tuple[float, float]:
-    """Threshold separating `above` pairs from the rest, and its balanced accuracy.
+def boundary_threshold(scores: np.ndarray, above: np.ndarray, weights: np.ndarray, boundary: str) -> tuple[float, float]:
+    """The threshold with the best weighted F1 of `score >= threshold` against `above`, and that F1.
 
     The cut lies halfway between the lowest score counted as above and the
-    next lower score, so it does not sit on a judged pair.
+    next lower score, so it does not sit on a calibration pair; of equal F1
+    the lowest cut wins (more recall).
     """
     if above.all() or not above.any():
         side = "below" if above.all() else "above"
         raise ValueError(f"cannot calibrate boundary {boundary}: no judged pair {side} it ({len(scores)} pairs)")
-    fpr, tpr, cuts = roc_curve(above, scores)
-    best = 1 + int(np.argmax((tpr - fpr)[1:]))  # cuts[0] is +inf, "nothing above": not a threshold
+    precision, recall, cuts = precision_recall_curve(above, scores, sample_weight=weights)
+    precision, recall = precision[:-1], recall[:-1]  # the last point (precision 1, recall 0) has no threshold
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
+    best = int(np.argmax(f1))
     cut = float(cuts[best])
     lower = scores[scores < cut]
     threshold = (cut + float(lower.max())) / 2 if lower.size else cut
-    return threshold, float((tpr[best] + 1.0 - fpr[best]) / 2)
+    return threshold, float(f1[best])
 
 
-def calibrate_thresholds(scores, grades) -> tuple[GradeThresholds, dict]:
-    """Thresholds for the boundaries 2|1 and 1|0 from judged (score, grade) pairs.
+def tier_quality(thresholds: GradeThresholds, scores, grades, weights=None) -> dict:
+    """Weighted precision and recall of the "exact" tier (grade 2) and the "exact+partial" tier (grade >= 1)."""
+    scores, grades = np.asarray(scores, dtype=np.float64), np.asarray(grades)
+    weights = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
+    out = {}
+    for tier, cut, lowest in (("exact", thresholds.exact, Grade.EXACT), ("exact+partial", thresholds.partial, Grade.PARTIAL)):
+        shown, relevant = scores >= cut, grades >= lowest
+        hits = weights[shown & relevant].sum()
+        out[tier] = {
+            "precision": round(float(hits / weights[shown].sum()), 4) if shown.any() else None,
+            "recall": round(float(hits / weights[relevant].sum()), 4),
+        }
+    return out
+
+
+def calibrate_thresholds(scores, grades, weights=None) -> tuple[GradeThresholds, dict]:
+    """Thresholds for the boundaries 2|1 and 1|0 from (score, grade, weight) calibration pairs (weight 1 if none).
 
     The 1|0 threshold is capped at the 2|1 one so the tiers stay ordered even
     for an encoder that does not separate grades.
     """
     scores = np.asarray(scores, dtype=np.float64)
     grades = np.asarray(grades)
-    if scores.shape != grades.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and grades {grades.shape} must be equal-length vectors")
-    exact, exact_bacc = boundary_threshold(scores, grades >= Grade.EXACT, "2|1")
-    partial, partial_bacc = boundary_threshold(scores, grades >= Grade.PARTIAL, "1|0")
-    partial = min(partial, exact)
+    weights = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if not scores.shape == grades.shape == weights.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape}, grades {grades.shape} and weights {weights.shape} must be equal-length vectors")
+    exact, exact_f1 = boundary_threshold(scores, grades >= Grade.EXACT, weights, "2|1")
+    partial, partial_f1 = boundary_threshold(scores, grades >= Grade.PARTIAL, weights, "1|0")
+    thresholds = GradeThresholds(exact=exact, partial=min(partial, exact))
     report = {
         "pairs": int(len(scores)),
-        "balanced_accuracy": {"2|1": round(exact_bacc, 4), "1|0": round(partial_bacc, 4)},
+        "criterion": "max F1 per boundary, each pair weighted by the catalog products it stands for",
+        "f1": {"2|1": round(exact_f1, 4), "1|0": round(partial_f1, 4)},
+        "tiers": tier_quality(thresholds, scores, grades, weights),
         "per_grade": {
             GRADE_NAMES[g]: {"count": int((grades == g).sum()), "mean_score": round(float(scores[grades == g].mean()), 4)}
             for g in Grade
             if (grades == g).any()
         },
     }
-    return GradeThresholds(exact=exact, partial=partial), report
+    return thresholds, report
 
 
 FUSION_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
@@ -108,13 +138,13 @@ def choose_fusion_weight(candidates: dict, judgments, weights=FUSION_WEIGHTS) ->
     return best, ndcg
 
 
-def calibrate_retrieval(dense, lexical_normalised, grades, weight: float) -> tuple[dict[str, GradeThresholds], dict]:
-    """Thresholds of every retrieval mode on its own score of the same judged pairs."""
+def calibrate_retrieval(dense, lexical_normalised, grades, weight: float, pair_weights=None) -> tuple[dict[str, GradeThresholds], dict]:
+    """Thresholds of every retrieval mode on its own score of the same calibration pairs."""
     from mr_ray.index.fusion import weighted_fusion
 
     scores = {"dense": np.asarray(dense, dtype=np.float64), "lexical": np.asarray(lexical_normalised, dtype=np.float64)}
     scores["hybrid"] = weighted_fusion(scores["dense"], scores["lexical"], weight)
-    calibrated = {mode: calibrate_thresholds(values, grades) for mode, values in scores.items()}
+    calibrated = {mode: calibrate_thresholds(values, grades, pair_weights) for mode, values in scores.items()}
     return {mode: t for mode, (t, _) in calibrated.items()}, {mode: r for mode, (_, r) in calibrated.items()}
 
 

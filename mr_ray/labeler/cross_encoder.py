@@ -251,8 +251,12 @@ def classify_processor(model_path: str | Path, engine: JudgeEngineConfig):
         return {"query_id": row["query_id"], "product_id": row["product_id"], "variant": int(row["variant"]),
                 "lp0": values[0], "lp1": values[1], "lp2": values[2], "error": error}
 
+    return engine_processor(model_path, engine_config(model_path, engine), preprocess, postprocess, task_type="classify")
+
+
+def engine_config(model_path: str | Path, engine: JudgeEngineConfig) -> JudgeEngineConfig:
+    """`engine` with max_model_len cut to the saved tokenizer's model_max_length (the training length): vLLM refuses more."""
     from transformers import AutoTokenizer
 
-    # vLLM refuses a max_model_len above the saved tokenizer's model_max_length (the training length)
     longest = min(engine.max_model_len, AutoTokenizer.from_pretrained(str(model_path)).model_max_length)
-    return engine_processor(model_path, engine.model_copy(update={"max_model_len": longest}), preprocess, postprocess, task_type="classify")
+    return engine.model_copy(update={"max_model_len": longest})

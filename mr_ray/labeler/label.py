@@ -53,6 +53,18 @@ ALL_FIELDS = ("title", "brand", "color", "category", "description")
 LABEL_COLUMNS = ["query_id", "product_id", "variant", "lp0", "lp1", "lp2", "error"]
 
 
+def cpu_engine_env(engine: JudgeEngineConfig) -> dict[str, str]:
+    """Environment of a CPU engine. vLLM's default on CPU runs the model in a worker process whose
+    engine core busy-waits for each step's reply, and binds the worker's threads to all cores but one
+    (kept for that spinning core): on 2 cores, one computing thread. In-process, the model gets
+    `cpu_threads` threads, one process fewer starts, and nothing spins (bench/judge_throughput.py)."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": str(engine.cpu_threads),
+    }
+
+
 def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preprocess, postprocess, task_type: str = "generate"):
     """A `ray.data.llm` vLLM processor over rows that already carry their prompt (text or token ids)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -71,7 +83,7 @@ def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preproce
             "dtype": engine.dtype,
         },
         placement_group_config={"bundles": [bundle] * engine.tensor_parallel_size},
-        runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib)}},
+        runtime_env={"env_vars": {} if on_gpu else cpu_engine_env(engine)},
         batch_size=engine.batch_size,
         concurrency=engine.concurrency,
         should_continue_on_error=True,  # a failing row is reported, not fatal

@@ -23,8 +23,8 @@ from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.model import base_model_folder
 from mr_ray.labeler.prompt import grades_from_probabilities, within_one_accuracy
 from mr_ray.labeler.report import judge_metrics
-from mr_ray.pipeline import StageContext, read_manifest
-from mr_ray.schema import JUDGMENTS, QUERIES, DataError, conform
+from mr_ray.pipeline import Limit, StageContext, note_limit, read_manifest
+from mr_ray.schema import DataError, conform
 
 
 def _read(folder: Path) -> pd.DataFrame | None:
@@ -37,9 +37,9 @@ def _write(frame: pd.DataFrame, folder: Path) -> None:
 
 
 def _cache(ctx: StageContext, name: str) -> Path:
-    """A folder under <run_dir>/cache that outlives a killed stage; keyed by the judge model's content."""
-    judge = read_manifest(ctx.input("judge_finetune")) if "judge_finetune" in ctx.stage.inputs else None
-    return ctx.run_dir / "cache" / (f"{name}-{judge['output_hash']}" if judge else name)
+    """A folder under <run_dir>/cache that outlives a killed stage; keyed by the content of the judge the stage was given."""
+    judges = [read_manifest(folder)["output_hash"] for folder in ctx.inputs_of("judge")]
+    return ctx.run_dir / "cache" / "-".join([name, *judges])
 
 
 def _judge_model(ctx: StageContext) -> Path:
@@ -70,14 +70,15 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
     if human.empty:
         raise DataError("no human labels on train-split queries to fine-tune the judge on", file=str(prep / "judgments"))
     train_labels, holdout_labels = finetune.split_holdout(human, cfg.finetune.holdout_fraction, cfg.finetune.seed)
-    examples = finetune.balanced_subsample(
-        judge.examples(train_labels, queries, products, cfg.finetune), cfg.finetune.max_examples, cfg.finetune.seed
-    )
+    available = judge.examples(train_labels, queries, products, cfg.finetune)
+    examples = finetune.balanced_subsample(available, cfg.finetune.max_examples, cfg.finetune.seed)
+    note_limit(Limit.of(ctx.config, "judge.finetune.max_examples"), len(examples), len(available), "training labels")
     storage = _cache(ctx, f"judge-train-{cfg.kind}-{section_hash(cfg.finetune)}-{section_hash({'model': str(base), 'pairs': sorted(examples['query_id'] + '|' + examples['product_id'])})}")
     metrics = judge.finetune(examples, base, cfg.finetune, storage, ctx.out / "model")
 
     holdout = judge.examples(holdout_labels, queries, products, cfg.finetune)
     if cfg.finetune.max_holdout is not None and len(holdout) > cfg.finetune.max_holdout:
+        note_limit(Limit.of(ctx.config, "judge.finetune.max_holdout"), cfg.finetune.max_holdout, len(holdout), "held-out pairs")
         holdout = holdout.sample(n=cfg.finetune.max_holdout, random_state=cfg.finetune.seed)
     started = time.perf_counter()
     probabilities = judge.probabilities(ctx.out / "model", holdout)
@@ -117,6 +118,7 @@ def _pairs_to_label(ctx: StageContext) -> pd.DataFrame:
     if cfg.max_queries is not None:
         query_ids = np.array(sorted(pairs["query_id"].unique()))
         chosen = np.random.default_rng(cfg.seed).choice(query_ids, size=min(cfg.max_queries, len(query_ids)), replace=False)
+        note_limit(Limit.of(ctx.config, "judge.label.max_queries"), len(chosen), len(query_ids), "queries")
         pairs = pairs[pairs["query_id"].isin(set(chosen))]
     if cfg.pairs is not None:
         extra = pq.read_table(cfg.pairs).to_pandas()
@@ -148,7 +150,6 @@ def label_stage(ctx: StageContext) -> dict:
         "pairs_per_s": round(len(judged) / wall, 2) if wall else None,
         "grade_counts": {int(g): int(n) for g, n in judged["grade"].value_counts().sort_index().items()},
         "mean_grade_mass": round(float(judged["grade_mass"].mean()), 4) if len(judged) else None,
-        "subsample": f"pool pairs of {ctx.config.judge.label.max_queries} seeded queries" if cfg.label.max_queries else "all pool pairs",
     }
     gold = _read(prep / "gold")
     if gold is not None:
@@ -164,10 +165,8 @@ def audit_stage(ctx: StageContext) -> dict:
 
     cfg, prep = ctx.config.judge, ctx.input("prepare")
     judged = _read(ctx.input("label") / "judgments")
-    engagement_table = _read(prep / "engagement")
-    if engagement_table is None:
-        raise DataError("the audit needs engagement logs; this source has none (simulate them first)", file=str(prep / "engagement"))
-    engagement = audit.pair_engagement(ray.data.from_pandas(engagement_table)).to_pandas()
+    # The graph runs the audit only when prepare wrote an engagement table.
+    engagement = audit.pair_engagement(ray.data.from_pandas(_read(prep / "engagement"))).to_pandas()
     joined = audit.join_engagement(ray.data.from_pandas(judged), engagement)
     rules = cfg.audit.rules
     flagged_all = joined.map_batches(audit.flag_contradictions, fn_kwargs={"rules": rules}, batch_format="pandas").to_pandas()
@@ -229,22 +228,17 @@ def audit_stage(ctx: StageContext) -> dict:
 
 
 def synthesize_stage(ctx: StageContext) -> dict:
-    """Synthetic queries for products without any, written by a causal LM, graded by the judge: source=synthetic.
-
-    With no writer configured the stage writes empty tables and says so in its metrics."""
+    """Synthetic queries for products without any, written by a causal LM (`judge.synthesize.writer`; the graph
+    leaves this stage out without one), graded by the judge: source=synthetic."""
     from transformers import AutoTokenizer
 
     cfg, prep = ctx.config.judge, ctx.input("prepare")
     scfg = cfg.synthesize
-    if scfg.writer is None:
-        probabilities = [pa.field(p, pa.float32()) for p in ("p0", "p1", "p2")]
-        for name, schema in (("queries", QUERIES.schema), ("judgments", pa.schema([*JUDGMENTS.schema, *probabilities]))):
-            (ctx.out / name).mkdir(parents=True)
-            pq.write_table(schema.empty_table(), ctx.out / name / "part-00000.parquet")
-        return {"skipped": "no writer configured (judge.synthesize.writer: null): no synthetic queries"}
     products, queries = _read(prep / "products"), _read(prep / "queries")
     judged_pairs = pd.concat([t for t in (_read(prep / "judgments"), _read(prep / "pool")) if t is not None])
-    chosen = synthesize.products_without_queries(products, judged_pairs, scfg.max_products, scfg.seed)
+    orphans = synthesize.products_without_queries(products, judged_pairs, len(products), scfg.seed)  # all of them, seeded order
+    chosen = orphans.head(scfg.max_products).reset_index(drop=True) if scfg.max_products is not None else orphans
+    note_limit(Limit.of(ctx.config, "judge.synthesize.max_products"), len(chosen), len(orphans), "products without queries")
     model = _judge_model(ctx)
     writer = base_model_folder(None if scfg.writer == "packaged" else scfg.writer, ctx.run_dir / "cache")
     prompts = synthesize.writer_prompts(chosen, AutoTokenizer.from_pretrained(str(writer)), scfg.samples_per_product, scfg.seed)

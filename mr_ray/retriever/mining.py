@@ -13,11 +13,13 @@ samples are kept per query:
   it sits on the wrong side (t - s for the upper side, s - t for the lower).
 
 The mined pairs are then re-annotated, by the fine-tuned judge (cross-encoder
-or causal LM; mr_ray.labeler, Ray Data + vLLM) or, for data without a judge run, from a
-grades table, and written with `source=mined`.
+or causal LM; mr_ray.labeler, Ray Data + vLLM) that the run's graph gave mining or, for
+a run without a judge, from a grades table, and written with `source=mined`.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -96,42 +98,53 @@ def annotate(mined: pd.DataFrame, grades: pd.DataFrame, unjudged_grade: int | No
     return out
 
 
-def judge_grades(ctx, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Re-annotate mined pairs with the fine-tuned judge, of whichever kind (`mr_ray.labeler.label.label_pairs`:
+def judge_grades(ctx, judge: Path, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Re-annotate mined pairs with the fine-tuned judge in `judge`, of whichever kind (`mr_ray.labeler.label.label_pairs`:
     Ray Data + vLLM, resumable shards)."""
     from mr_ray.config import section_hash
     from mr_ray.labeler.label import label_pairs
     from mr_ray.pipeline import expected_identity
 
-    if "judge_finetune" not in ctx.stage.inputs:
-        raise ValueError("mine.annotator is 'judge' but no judge_finetune stage feeds mining; set mine.annotator: grades")
-    judge = ctx.config.judge
+    config = ctx.config.judge
     shards = ctx.run_dir / "cache" / f"mine-shards-{section_hash(expected_identity(ctx.stage, ctx.config, ctx.run_dir))}"
     judged, failed = label_pairs(
-        mined[["query_id", "product_id"]], queries, products, ctx.input("judge_finetune") / "model", judge.engine,
-        shards, judge.label.shard_rows, source=MINED_SOURCE,
+        mined[["query_id", "product_id"]], queries, products, judge / "model", config.engine,
+        shards, config.label.shard_rows, source=MINED_SOURCE,
     )
     return judged, len(failed)
+
+
+def annotator(config: MineConfig, judges: list[Path]) -> tuple[str, str]:
+    """Who grades the mined pairs: ("judge", why) with the judge the graph gave mining, else
+    ("grades:<table>", why); `annotator: judge` with no judge in the run falls back to the human grades."""
+    if config.annotator == "grades":
+        return f"grades:{config.grades_source}", "mine.annotator: grades"
+    if judges:
+        return "judge", "mine.annotator: judge"
+    return "grades:judgments", "mine.annotator: judge, but no judge ran (judge.kind: none): the human grades instead"
 
 
 def mine_stage(ctx) -> dict:
     """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
 
+    from mr_ray.pipeline import Limit
     from mr_ray.retrieval import embed_catalog
     from mr_ray.retriever.encoder import embed_dataset, in_blocks
-    from mr_ray.retriever.train import labeler_outputs, read_frame, training_set
+    from mr_ray.retriever.examples import read_frame, training_set
 
     config, encoder = ctx.config.mine, ctx.config.encoder
     model = str(ctx.input("stage1") / "model")
-    products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, config.max_queries, labeler_outputs(ctx))
+    products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, Limit.of(ctx.config, "mine.max_queries"), ctx.inputs_of("judgments"))
     product_ids, product_vectors = embed_catalog(products, encoder, model)
     query_ids, query_vectors = embed_dataset(in_blocks(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
     mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
     failed = 0
-    if config.annotator == "judge":
-        grades, failed = judge_grades(ctx, mined, queries, products)
+    judges = ctx.inputs_of("judge")
+    who, why = annotator(config, judges)
+    if who == "judge":
+        grades, failed = judge_grades(ctx, judges[0], mined, queries, products)
     else:
-        grades = read_frame(ctx.input("prepare"), config.grades_source)
+        grades = read_frame(ctx.input("prepare"), who.removeprefix("grades:"))
     annotated = annotate(mined, grades, config.unjudged_grade)
     folder = ctx.out / "mined"
     folder.mkdir()
@@ -144,5 +157,4 @@ def mine_stage(ctx) -> dict:
         }
         for reason in ("unjudged", "boundary")
     }
-    annotator = "llm judge" if config.annotator == "judge" else f"grades:{config.grades_source}"
-    return {"queries": len(query_ids), "annotator": annotator, "judge_failures": failed, "by_reason": by_reason}
+    return {"queries": len(query_ids), "annotator": who, "annotator_why": why, "judge_failures": failed, "by_reason": by_reason}

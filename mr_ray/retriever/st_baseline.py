@@ -108,10 +108,11 @@ class StepTimer(TrainerCallback):
 def train_st_baseline(prepared: Path, config: RunConfig, out_dir: Path) -> dict:
     """The `st-mnrl` row's model: the recipe on the human labels of the train queries (Stage 1's subset
     and sequence length), saved at out_dir/model; returns the training stats."""
-    from mr_ray.retriever.train import build_examples, training_set
+    from mr_ray.pipeline import Limit
+    from mr_ray.retriever.examples import build_examples, training_set
 
     human = config.stage1.model_copy(update={"judgment_sources": ["human"]})
-    products, queries, judgments = training_set(prepared, human, config.stage1.max_train_queries)
+    products, queries, judgments = training_set(prepared, human, Limit.of(config, "stage1.max_train_queries"))
     pairs = exact_pairs(build_examples(queries, judgments, products))
     stats = train_mnrl(config.encoder.model, pairs, out_dir, max_seq_length=config.stage1.max_seq_length, seed=config.stage1.seed)
     return {**stats, "train_queries": len(queries)}
