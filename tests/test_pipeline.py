@@ -146,9 +146,10 @@ def test_graph_with_a_judge_of_either_kind_and_engagement_runs_every_stage(kind)
 def test_graph_without_engagement_has_no_audit():
     graph = stage_graph(load_config(REPO_CONFIGS / "homedepot.yaml"), HOMEDEPOT_TABLES)
     inputs = {stage.name: stage.inputs for stage in graph.stages}
-    assert "audit" not in inputs and graph.left_out == {"audit": "no engagement table"}
-    assert inputs["stage1"] == ("prepare", "label", "synthesize")
-    assert inputs["mine"] == ("prepare", "label", "synthesize", "stage1", "judge_finetune")
+    # homedepot.yaml also sets no writer for synthetic queries
+    assert "audit" not in inputs and graph.left_out == {"audit": "no engagement table", "synthesize": "judge.synthesize.writer: null"}
+    assert inputs["stage1"] == ("prepare", "label")
+    assert inputs["mine"] == ("prepare", "label", "stage1", "judge_finetune")
     assert inputs["evaluate"] == ("prepare", "judge_finetune", "label", "stage1", "stage2")
     assert "audit" in stage_graph(load_config(), HOMEDEPOT_TABLES | {"engagement"}).names()
 
