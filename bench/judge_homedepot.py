@@ -12,6 +12,10 @@ a seeded `--eval-pairs` subsample (their numbers on the causal rows' subsample a
 grade, RMSE of the expected rating (1 + sum_g g p_g) against rating_mean, AUC(2 over 1), AUC(1 over 0), train
 seconds, labeling pairs/s (end to end, vLLM engine start included). Results are kept per row in `--work-dir`.
 
+`--rerank-encoder` (a retriever folder, or `pretrained`) adds the rerank line: NDCG@10 on the split of that
+encoder's top `--rerank-depth` over the whole catalog, as it ranks them and reordered by the cross-encoder judge's
+expected grade. A judge that ranks worse than the student cannot teach it.
+
     python bench/judge_homedepot.py --rows majority,cross_encoder --split dev
     python bench/judge_homedepot.py --rows majority,zero_shot_llm,finetuned_llm,cross_encoder --split test
 """
@@ -48,6 +52,31 @@ def label(model: Path, pairs: pd.DataFrame, queries, products, engine, shard_dir
     return aligned[["p0", "p1", "p2"]].to_numpy(dtype=float), len(pairs) / seconds
 
 
+def rerank_line(args, judge: Path, products: pd.DataFrame, queries: pd.DataFrame, judgments: pd.DataFrame, engine) -> dict:
+    """NDCG@10 of an encoder's top `--rerank-depth` on the split, in its order and in the judge's expected-grade order."""
+    from mr_ray.config import EncoderConfig, EvaluateConfig
+    from mr_ray.evaluate import evaluate_retrieval
+    from mr_ray.retrieval import dense_search, embed_catalog
+    from mr_ray.retriever.encoder import encode, load_encoder
+
+    encoder = None if args.rerank_encoder == "pretrained" else args.rerank_encoder
+    split_queries = queries[queries["split"] == args.split]
+    product_ids, product_vectors = embed_catalog(products, EncoderConfig(), encoder)
+    query_vectors = encode(load_encoder(encoder), split_queries["text"].tolist())
+    run = dense_search(product_ids, product_vectors, split_queries["query_id"], query_vectors, args.rerank_depth)
+    pairs = pd.DataFrame([(q, p) for q, top in run.items() for p in top], columns=["query_id", "product_id"])
+    probabilities, _ = label(judge, pairs, queries, products, engine, args.work_dir / f"shards-rerank-{args.split}-{args.rerank_depth}")
+    pairs["expected_grade"] = probabilities @ np.arange(3)
+    reranked = {q: dict(zip(group["product_id"], group["expected_grade"])) for q, group in pairs.groupby("query_id")}
+    truth = judgments[judgments["split"] == args.split]
+    config = EvaluateConfig()
+    return {
+        "encoder": args.rerank_encoder, "depth": args.rerank_depth, "queries": len(split_queries),
+        "encoder_ndcg@10": evaluate_retrieval(run, truth, config)["ndcg@10"],
+        "judge_ndcg@10": evaluate_retrieval(reranked, truth, config)["ndcg@10"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
@@ -60,10 +89,13 @@ def main() -> None:
     parser.add_argument("--ce-epochs", type=int, default=1)
     parser.add_argument("--ce-learning-rate", type=float, default=5e-5)
     parser.add_argument("--ce-max-seq-length", type=int, default=48)
+    parser.add_argument("--ce-precision", choices=["fp32", "bf16"], default="bf16", help="bf16 autocast forward (AVX512-BF16/AMX CPUs, Ampere+ GPUs)")
     parser.add_argument("--ce-train-examples", type=int, default=None, help="seeded subsample of train judgments; default all")
     parser.add_argument("--ce-model", type=Path, default=None, help="evaluate this cross-encoder folder instead of training one")
     parser.add_argument("--no-class-weights", action="store_true")
     parser.add_argument("--no-soft-targets", action="store_true")
+    parser.add_argument("--rerank-encoder", default=None, help="retriever folder or 'pretrained': the cross-encoder reranks its top --rerank-depth")
+    parser.add_argument("--rerank-depth", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "mr-ray-judge-homedepot")
     args = parser.parse_args()
@@ -88,6 +120,7 @@ def main() -> None:
     engine = JudgeEngineConfig()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    rerank = None
 
     def record(name: str, frame: pd.DataFrame, probabilities: np.ndarray, **extra) -> None:
         results[name] = {**judge_metrics(frame["grade"], probabilities, frame["rating_mean"]), **extra}
@@ -119,13 +152,13 @@ def main() -> None:
         cfg = JudgeFinetuneConfig(
             max_examples=None, train_layers=None, epochs=args.ce_epochs, batch_size=32, learning_rate=args.ce_learning_rate,
             max_seq_length=args.ce_max_seq_length, class_weighted=not args.no_class_weights, soft_targets=not args.no_soft_targets,
-            seed=args.seed, checkpoint_every=100,
+            seed=args.seed, checkpoint_every=100, precision=args.ce_precision,
         )
         examples = ce.examples(train, queries, products, cfg)
         if args.ce_train_examples is not None:
             examples = examples.sample(n=min(args.ce_train_examples, len(examples)), random_state=args.seed)
         examples = examples.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
-        tag = (f"ce-{len(examples)}-{cfg.epochs}-{cfg.learning_rate}-{cfg.max_seq_length}-"
+        tag = (f"ce-{len(examples)}-{cfg.epochs}-{cfg.learning_rate}-{cfg.max_seq_length}-{cfg.precision}-"
                f"{'w' if cfg.class_weighted else 'u'}{'s' if cfg.soft_targets else 'h'}-{args.seed}")
         model = args.ce_model or args.work_dir / f"judge-{tag}"
         started = time.perf_counter()
@@ -136,6 +169,9 @@ def main() -> None:
         record("cross_encoder", evaluated, probabilities, train_s=train_s, pairs_per_s=rate, train_examples=len(examples), model=str(model))
         on_llm_pairs = llm_pairs[["query_id", "product_id"]].merge(evaluated.assign(row=np.arange(len(evaluated))), on=["query_id", "product_id"])["row"]
         record("cross_encoder@llm_pairs", llm_pairs, probabilities[on_llm_pairs.to_numpy()])
+        if args.rerank_encoder:
+            rerank = rerank_line(args, model, products, queries, judgments, engine)
+            (args.work_dir / f"rerank-{args.split}.json").write_text(json.dumps(rerank))
 
     def fmt(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -149,6 +185,9 @@ def main() -> None:
         print(f"| {name} | {r['pairs']} | {fmt(r['accuracy'])} | {fmt(r['within_one'])} | {fmt(r['macro_f1'])} | {recall} | "
               f"{fmt(r.get('rmse_expected_rating'))} | {fmt(r['auc_2_over_1'])} | {fmt(r['auc_1_over_0'])} | "
               f"{fmt(r.get('train_s'), 0)} | {fmt(r.get('pairs_per_s'), 1)} |")
+    if rerank:
+        print(f"Rerank, {rerank['queries']} {args.split} queries, top {rerank['depth']} of {rerank['encoder']}: NDCG@10 "
+              f"{rerank['encoder_ndcg@10']:.4f} as the encoder ranks them, {rerank['judge_ndcg@10']:.4f} reordered by the judge")
     print(json.dumps(results, default=str))
     ray.shutdown()
 

@@ -81,9 +81,10 @@ def stage(
 ):
     """Run one stage of the run's graph with the inputs the graph gives it (they must already be in the run
     folder); a stage the graph leaves out (e.g. audit without engagement data) is an error saying why."""
-    from mr_ray.pipeline import run_pipeline
+    from mr_ray.pipeline import check_asked, run_pipeline
 
     cfg = load_config(config)
+    check_asked(cfg, run_dir, [name])  # before Ray starts
     init_ray(address)
     run_pipeline(cfg, run_dir, only=[name], force=force)
 

@@ -293,6 +293,9 @@ class JudgeFinetuneConfig(Strict):
     soft_targets: bool = Field(True, description="cross-encoder: train towards the mean rating's grade split where judgments carry rating_mean")
     max_seq_length: int = Field(64, ge=16, le=512, description="cross-encoder: tokens of the (query, product) text pair; labeling truncates the same")
     checkpoint_every: int = Field(10, ge=1, description="steps between Ray Train checkpoints")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="cross-encoder: bf16 autocast for the encoder's forward (weights, optimiser, loss fp32); CPUs with AVX512-BF16 or AMX, Ampere+ GPUs"
+    )
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(2.0, gt=0.0)
@@ -376,6 +379,12 @@ class JudgeConfig(Strict):
         if isinstance(finetune, JudgeFinetuneConfig):
             finetune = finetune.model_dump(include=finetune.model_fields_set)
         return {**data, "finetune": {**CROSS_ENCODER_FINETUNE, **finetune}}
+
+    @model_validator(mode="after")
+    def bf16_is_cross_encoder_only(self) -> "JudgeConfig":
+        if self.finetune.precision == "bf16" and self.kind != "cross_encoder":
+            raise ValueError("judge.finetune.precision bf16 applies to the cross_encoder judge only")
+        return self
 
 
 class RunConfig(Strict):

@@ -282,6 +282,22 @@ def clean_stale(run_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def refuse_left_out(graph: Graph, asked: list[str]) -> None:
+    """A ConfigError saying why, for a stage asked for that the graph leaves out (not merely unprepared)."""
+    not_in_graph = {name: graph.left_out[name] for name in asked if name not in graph.names() and graph.left_out[name] != NOT_PREPARED}
+    if not_in_graph:
+        raise ConfigError("; ".join(f"stage {name!r} is not in this run's graph ({why})" for name, why in not_in_graph.items()))
+
+
+def check_asked(config: RunConfig, run_dir: Path, asked: list[str], stages: tuple[Stage, ...] | None = None) -> None:
+    """Refuse unknown stage names and stages the run's graph leaves out, before anything starts."""
+    known = [s.name for s in stages or STAGES]
+    unknown = [name for name in asked if name not in known]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {known}")
+    refuse_left_out(Graph(stages) if stages is not None else run_graph(config, run_dir), asked)
+
+
 def run_pipeline(
     config: RunConfig,
     run_dir: str | Path,
@@ -299,20 +315,15 @@ def run_pipeline(
     leaves out is a ConfigError saying why.
     """
     run_dir = Path(run_dir)
+    asked = [*(only or []), *([until] if until else [])]
+    check_asked(config, run_dir, asked, stages)
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(run_dir)
-    known = [s.name for s in stages or STAGES]
-    asked = [*(only or []), *([until] if until else [])]
-    unknown = [name for name in asked if name not in known]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {unknown}; stages are {known}")
     outcome: dict[str, str] = {}
     while True:
         graph = Graph(stages) if stages is not None else run_graph(config, run_dir)
+        refuse_left_out(graph, asked)
         names = graph.names()
-        not_in_graph = {name: graph.left_out[name] for name in asked if name not in names and graph.left_out[name] != NOT_PREPARED}
-        if not_in_graph:
-            raise ConfigError("; ".join(f"stage {name!r} is not in this run's graph ({why})" for name, why in not_in_graph.items()))
         wanted = names[: names.index(until) + 1] if until in names else names
         pending = [stage for stage in graph.stages if stage.name not in outcome and stage.name in (only or wanted)]
         if not pending:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig, load_config
+from mr_ray.config import ConfigError, JudgeEngineConfig, JudgeFinetuneConfig, load_config
 from mr_ray.labeler import cross_encoder
 from mr_ray.labeler.judge import CausalLMJudge, CrossEncoderJudge, judge_of_kind, judge_of_model
 from mr_ray.labeler.label import label_pairs, pair_texts
@@ -52,6 +52,9 @@ def test_config_kind_defaults_and_explicit_values_win():
     causal = load_config(overrides={"judge.kind": "causal_lm"}).judge.finetune
     assert (causal.max_examples, causal.train_layers, causal.learning_rate) == (None, 4, 3e-4)
     assert isinstance(judge_of_kind("causal_lm"), CausalLMJudge)
+    assert load_config(overrides={"judge.finetune.precision": "bf16"}).judge.finetune.precision == "bf16"
+    with pytest.raises(ConfigError, match="precision bf16 applies to the cross_encoder judge only"):
+        load_config(overrides={"judge.kind": "causal_lm", "judge.finetune.precision": "bf16"})
 
 
 def catalog():
@@ -103,6 +106,20 @@ def test_finetune_resumes_from_its_checkpoint_and_saves_a_loadable_classifier(tr
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(trained["model"])).model_max_length == 32
+
+
+def test_bf16_finetune_learns_and_saves_fp32_weights(ray_local, tmp_path):
+    """precision bf16 autocasts the forward only: the loss falls from log(3) and the saved classifier is fp32."""
+    from safetensors import safe_open
+
+    products, queries, labels = catalog()
+    judge = CrossEncoderJudge()
+    examples = judge.examples(labels, queries, products, JudgeFinetuneConfig(soft_targets=False))
+    cfg = JudgeFinetuneConfig(train_layers=1, batch_size=8, learning_rate=5e-4, max_seq_length=32, checkpoint_every=3, epochs=4, precision="bf16")
+    metrics = judge.finetune(examples, judge.base_model(None, tmp_path), cfg, tmp_path / "storage", tmp_path / "model")
+    assert metrics["steps"] == 12 and metrics["final_loss"] < 0.9 * np.log(3)
+    with safe_open(str(tmp_path / "model" / "model.safetensors"), "pt") as weights:
+        assert {str(weights.get_tensor(name).dtype) for name in weights.keys()} == {"torch.float32"}
 
 
 def test_vllm_classify_in_ray_data_matches_transformers_and_writes_the_judgment_schema(trained, tmp_path):

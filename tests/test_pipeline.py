@@ -1,6 +1,8 @@
 """The runner: manifests, skipping, re-running on change, nothing half-written on a crash."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,6 +206,13 @@ def test_a_stage_the_graph_leaves_out_is_a_one_line_error(tmp_path):
     run_stage(STAGES[0], config, run_dir)
     with pytest.raises(ConfigError, match=r"^stage 'audit' is not in this run's graph \(no engagement table\)$"):
         run_pipeline(config, run_dir, only=["audit"])
+    # the CLI says the same in one line, before it starts Ray (no "Started a local Ray instance")
+    config_file = tmp_path / "canonical.yaml"
+    config_file.write_text(f"data:\n  source: canonical\n  path: {source}\n")
+    cli = subprocess.run([sys.executable, "-m", "mr_ray.cli", "stage", "audit", "--config", str(config_file), "--run-dir", str(run_dir)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1] == "error: stage 'audit' is not in this run's graph (no engagement table)"
+    assert "Ray" not in cli.stderr + cli.stdout
     with pytest.raises(ConfigError, match=r"stage 'label' is not in this run's graph \(judge.kind: none\)"):
         run_pipeline(load_config(None, {"data": {"source": "canonical", "path": str(source)}, "judge.kind": "none"}), run_dir, only=["label"])
     assert sorted(p.name for p in run_dir.iterdir()) == ["prepare"]

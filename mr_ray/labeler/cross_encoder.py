@@ -180,13 +180,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     weights = loop_config["class_weights"] if cfg.class_weighted else [1.0, 1.0, 1.0]
-    loss_fn = WeightedSoftCrossEntropy(torch.tensor(weights))
+    device = ray.train.torch.get_device()
+    loss_fn = WeightedSoftCrossEntropy(torch.tensor(weights)).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
     def batch_loss(batch: pd.DataFrame) -> torch.Tensor:
-        inputs = encode(tokenizer, batch["query"], batch["product"])
-        targets = torch.tensor(batch[["t0", "t1", "t2"]].to_numpy(dtype=np.float32))
-        return loss_fn(model(**inputs).logits, targets)
+        inputs = encode(tokenizer, batch["query"], batch["product"]).to(device)
+        targets = torch.tensor(batch[["t0", "t1", "t2"]].to_numpy(dtype=np.float32), device=device)
+        # bf16 autocast for the encoder's forward only; the softmax and loss stay fp32.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            logits = model(**inputs).logits
+        return loss_fn(logits.float(), targets)
 
     checkpointed_training(core, optimizer, cfg, loop_config["steps_per_epoch"], batch_loss, {"trainable_params": trainable})
     if ray.train.get_context().get_world_rank() == 0:

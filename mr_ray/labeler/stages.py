@@ -236,9 +236,8 @@ def synthesize_stage(ctx: StageContext) -> dict:
     scfg = cfg.synthesize
     products, queries = _read(prep / "products"), _read(prep / "queries")
     judged_pairs = pd.concat([t for t in (_read(prep / "judgments"), _read(prep / "pool")) if t is not None])
-    orphans = synthesize.products_without_queries(products, judged_pairs, len(products), scfg.seed)  # all of them, seeded order
-    chosen = orphans.head(scfg.max_products).reset_index(drop=True) if scfg.max_products is not None else orphans
-    note_limit(Limit.of(ctx.config, "judge.synthesize.max_products"), len(chosen), len(orphans), "products without queries")
+    chosen, orphans = synthesize.products_without_queries(products, judged_pairs, scfg.max_products, scfg.seed)
+    note_limit(Limit.of(ctx.config, "judge.synthesize.max_products"), len(chosen), orphans, "products without queries")
     model = _judge_model(ctx)
     writer = base_model_folder(None if scfg.writer == "packaged" else scfg.writer, ctx.run_dir / "cache")
     prompts = synthesize.writer_prompts(chosen, AutoTokenizer.from_pretrained(str(writer)), scfg.samples_per_product, scfg.seed)

@@ -23,10 +23,12 @@ WRITER_USER = "Write one search query (2 to 6 words) a shopper could type to fin
 STOPWORDS = frozenset("a an and by for in of on the to with".split())
 
 
-def products_without_queries(products: pd.DataFrame, judged_pairs: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    """A seeded sample of at most `limit` products that appear in no judged pair."""
+def products_without_queries(products: pd.DataFrame, judged_pairs: pd.DataFrame, limit: int | None, seed: int) -> tuple[pd.DataFrame, int]:
+    """(a seeded sample of at most `limit` products that appear in no judged pair (None: all, seeded order),
+    how many such products there are)."""
     orphans = products[~products["product_id"].isin(set(judged_pairs["product_id"]))]
-    return orphans.sample(n=min(limit, len(orphans)), random_state=seed).reset_index(drop=True)
+    size = len(orphans) if limit is None else min(limit, len(orphans))
+    return orphans.sample(n=size, random_state=seed).reset_index(drop=True), len(orphans)
 
 
 def writer_prompts(products: pd.DataFrame, tokenizer, samples: int, seed: int) -> pd.DataFrame:

@@ -128,6 +128,18 @@ def training_set(prepared: Path, config: Stage1Config, limit: Limit | None, labe
     return products, queries, judgments[judgments["query_id"].isin(set(queries["query_id"]))]
 
 
+def stage2_examples(prepared: Path, config: Stage1Config, limit: Limit | None, labeled: list[Path], mined: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Stage 2's training rows: the train queries' judgments with their mined samples (None: no mining), plus
+    typo copies. Returns (products, examples, mined pairs used)."""
+    products, queries, judgments = training_set(prepared, config, limit, labeled)
+    mined_count = 0
+    if mined is not None:
+        mined = mined[mined["query_id"].isin(set(queries["query_id"]))]
+        mined_count = len(mined)
+        judgments = with_mined(judgments, mined)
+    return products, examples_with_augmentation(queries, judgments, products, config), mined_count
+
+
 def examples_with_augmentation(queries: pd.DataFrame, judgments: pd.DataFrame, products: pd.DataFrame, config: Stage1Config) -> pd.DataFrame:
     """Training rows for the clean queries plus their typo copies (same judgments)."""
     from mr_ray.data.augment import augment_queries

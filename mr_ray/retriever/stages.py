@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mr_ray.config import section_hash
 from mr_ray.pipeline import Limit, StageContext, expected_identity
-from mr_ray.retriever.examples import examples_with_augmentation, read_frame, training_set, with_mined
+from mr_ray.retriever.examples import examples_with_augmentation, read_frame, stage2_examples, training_set
 from mr_ray.retriever.ray_train import train_encoder
 
 
@@ -59,14 +59,8 @@ def stage2_stage(ctx: StageContext) -> dict:
     it ran; model at out/model."""
     stage1 = ctx.config.stage1
     config, trained_with = stage2_settings(ctx)
-    products, queries, judgments = training_set(ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"))
-    mined_count = 0
-    if config.use_mined:
-        mined = read_frame(ctx.input("mine"), "mined")
-        mined = mined[mined["query_id"].isin(set(queries["query_id"]))]
-        mined_count = len(mined)
-        judgments = with_mined(judgments, mined)
-    examples = examples_with_augmentation(queries, judgments, products, stage1)
+    mined = read_frame(ctx.input("mine"), "mined") if config.use_mined else None
+    _, examples, mined_count = stage2_examples(ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"), mined)
     storage, name = checkpoint_storage(ctx)
     metrics = train_encoder(examples, config, str(ctx.input("stage1") / "model"), ctx.out / "model", storage, name, mlflow_uri(ctx))
     return {**metrics, "mined_pairs_used": mined_count, "trained_with": trained_with}

@@ -136,13 +136,10 @@ def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: d
 def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, labeled: list[Path]) -> dict:
     """Stage 2's training rows (judged, with mined samples) and the dev set of the sweep."""
     from mr_ray.evaluate import truth_table
-    from mr_ray.retriever.examples import examples_with_augmentation, read_frame, select_queries, training_set, with_mined
+    from mr_ray.retriever.examples import read_frame, select_queries, stage2_examples
 
     sweep = config.sweep
-    products, queries, judgments = training_set(prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled)
-    if mined is not None:
-        judgments = with_mined(judgments, mined[mined["query_id"].isin(set(queries["query_id"]))])
-    examples = examples_with_augmentation(queries, judgments, products, config.stage1)
+    products, examples, _ = stage2_examples(prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined)
     dev_queries = select_queries(read_frame(prepared, "queries"), "dev", Limit.of(config, "sweep.max_dev_queries"), sweep.seed)
     truth = truth_table(prepared)
     dev = {"products": products[["product_id", "title"]], "queries": dev_queries, "truth": truth[truth["query_id"].isin(set(dev_queries["query_id"]))]}
