@@ -341,17 +341,18 @@ def run_section(ctx) -> tuple[str, dict]:
     by_reason: dict[str, list[str]] = {}
     for name, why in ctx.left_out.items():
         by_reason.setdefault(why, []).append(name)
-    lines = [f"- {', '.join(names)}: not run ({why})" for why, names in by_reason.items()]
+    lines = [f"{', '.join(names)}: not run ({why})" for why, names in by_reason.items()]
     trained_with = {}
     for folder in ctx.inputs_of("encoder"):
         settings = read_manifest(folder)["metrics"].get("trained_with")
         if settings:
             trained_with[folder.name] = settings
             values = ", ".join(f"{k} {v}" for k, v in settings["params"].items())
-            lines.append(f"- {folder.name} trained with {values}, from {settings['source']}")
+            lines.append(f"{folder.name} trained with {values}, from {settings['source']}")
     if not lines:
         return "", {}
-    return "\n".join(["## This run", "", *lines, ""]) + "\n", {"not_run": dict(ctx.left_out), "trained_with": trained_with}
+    markdown = "\n".join(["## This run", "", *(f"- {line}" for line in lines), ""]) + "\n"
+    return markdown, {"not_run": dict(ctx.left_out), "trained_with": trained_with, "summary": lines}
 
 
 def evaluate_stage(ctx) -> dict:
@@ -372,6 +373,6 @@ def evaluate_stage(ctx) -> dict:
         render_report(result, f"mr-ray evaluation: {ctx.config.name}") + "\n![similarity histograms](similarity_hist.png)\n\n" + run_markdown + judge_markdown
     )
     (ctx.out / "report.html").write_text(
-        render_report_html({**result, "judge": judge_numbers}, f"mr-ray evaluation: {ctx.config.name}", loss_histories(ctx), ctx.out / "similarity_hist.png")
+        render_report_html({**result, "judge": judge_numbers, "run": run_numbers}, f"mr-ray evaluation: {ctx.config.name}", loss_histories(ctx), ctx.out / "similarity_hist.png")
     )
     return {name: {k: v for k, v in m.items() if k in ("ndcg@10", "auc_2_over_1")} for name, m in result["systems"].items()}

@@ -138,6 +138,9 @@ def render_report_html(result: dict, title: str, loss_histories: dict[str, list[
     if histogram_png is not None and histogram_png.exists():
         uri = "data:image/png;base64," + base64.b64encode(histogram_png.read_bytes()).decode()
         parts += ["<h2>Score per grade, each encoder</h2>", f'<img id="chart-histograms" alt="score histograms per grade" src="{uri}">']
+    summary = (result.get("run") or {}).get("summary")
+    if summary:  # what the graph left out, and where the trained stages' settings came from
+        parts += ["<h2>This run</h2>", '<ul id="this-run">' + "".join(f"<li>{html.escape(line)}</li>" for line in summary) + "</ul>"]
     parts.append(confusion_table(result.get("judge")))
     if loss_histories:
         parts += ["<h2>Training loss</h2>", f'<img id="chart-loss" alt="training loss per epoch" src="{loss_chart(loss_histories)}">']

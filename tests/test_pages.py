@@ -146,12 +146,14 @@ def test_report_page_draws_tables_and_charts(browser, sample_run, shots, tmp_pat
     judge = {"holdout": {"confusion": [[40, 7, 3], [9, 25, 11], [2, 8, 45]]}}
     histories = {"stage1": [{"epoch": 0, "loss": 2.1}, {"epoch": 1, "loss": 1.6}], "stage2": [{"epoch": 0, "loss": 0.9}]}
     page = tmp_path / "report.html"
-    page.write_text(render_report_html({**result, "judge": judge}, "mr-ray evaluation: pages test", histories, tmp_path / "similarity_hist.png"))
+    run = {"summary": ["synthesize: not run (judge.synthesize.writer: null)", "stage2 trained with scale 32.0, from config (stage2)"]}
+    page.write_text(render_report_html({**result, "judge": judge, "run": run}, "mr-ray evaluation: pages test", histories, tmp_path / "similarity_hist.png"))
     browser.set_window_size(1200, 900)
     browser.get(page.as_uri())
     rows = browser.find_elements(By.CSS_SELECTOR, "#systems tr")
     names = [row.find_elements(By.TAG_NAME, "td")[0].text for row in rows[1:]]
     assert names == ["bm25", "pretrained", "pretrained+bm25 rrf", "pretrained+bm25 weighted"]
+    assert [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#this-run li")] == run["summary"]
     cells = [[td.text for td in row.find_elements(By.TAG_NAME, "td")] for row in browser.find_elements(By.CSS_SELECTOR, "#judge-confusion tr")[1:]]
     assert cells[1] == ["true partial", "9", "25", "11"]
     for chart in ("chart-ndcg", "chart-histograms", "chart-loss"):

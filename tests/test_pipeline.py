@@ -237,7 +237,7 @@ def test_library_defaults_take_all_the_data_and_the_sample_job_sets_its_limits()
     assert load_config(None, {"judge.kind": "causal_lm"}).judge.finetune.max_examples is None
     assert {name: Limit.of(sample, name).value for name in limits if Limit.of(sample, name).value is not None} == {
         "judge.finetune.max_holdout": 100, "judge.label.max_queries": 20, "judge.synthesize.max_products": 8,
-        "mine.max_queries": 16, "sweep.max_train_queries": 64, "sweep.max_dev_queries": 60,
+        "sweep.max_train_queries": 64, "sweep.max_dev_queries": 60,
     }
 
 
@@ -253,7 +253,10 @@ def test_the_report_says_what_the_graph_left_out_and_where_stage2_settings_came_
     markdown, numbers = run_section(ctx)
     assert "- audit: not run (no engagement table)" in markdown.splitlines()
     assert "- stage2 trained with scale 16.0, temperature 0.1, from sweep (best of 2 trials, dev NDCG@10 0.7000)" in markdown.splitlines()
-    assert numbers == {"not_run": {"audit": "no engagement table"}, "trained_with": {"stage2": trained_with}}
+    assert numbers == {
+        "not_run": {"audit": "no engagement table"}, "trained_with": {"stage2": trained_with},
+        "summary": [line[2:] for line in markdown.splitlines() if line.startswith("- ")],  # report.html's list
+    }
 
 
 def test_mining_without_a_judge_falls_back_to_the_human_grades_and_says_so(tmp_path):
