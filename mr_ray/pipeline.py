@@ -289,13 +289,17 @@ def refuse_left_out(graph: Graph, asked: list[str]) -> None:
         raise ConfigError("; ".join(f"stage {name!r} is not in this run's graph ({why})" for name, why in not_in_graph.items()))
 
 
-def check_asked(config: RunConfig, run_dir: Path, asked: list[str], stages: tuple[Stage, ...] | None = None) -> None:
-    """Refuse unknown stage names and stages the run's graph leaves out, before anything starts."""
+def refuse_unknown(asked: list[str], stages: tuple[Stage, ...] | None = None) -> None:
     known = [s.name for s in stages or STAGES]
     unknown = [name for name in asked if name not in known]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {known}")
-    refuse_left_out(Graph(stages) if stages is not None else run_graph(config, run_dir), asked)
+
+
+def check_asked(config: RunConfig, run_dir: Path, asked: list[str]) -> None:
+    """Refuse unknown stage names and stages the run's graph leaves out, before anything starts (the CLI, before Ray)."""
+    refuse_unknown(asked)
+    refuse_left_out(run_graph(config, run_dir), asked)
 
 
 def run_pipeline(
@@ -316,7 +320,7 @@ def run_pipeline(
     """
     run_dir = Path(run_dir)
     asked = [*(only or []), *([until] if until else [])]
-    check_asked(config, run_dir, asked, stages)
+    refuse_unknown(asked, stages)  # a stage the graph leaves out is refused by the loop's first graph
     run_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(run_dir)
     outcome: dict[str, str] = {}
