@@ -220,6 +220,9 @@ def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print, left_ou
     """Run one stage into a temp folder, write its manifest, rename it into place.
 
     `left_out`: the stages the run's graph leaves out, and why (the evaluate stage reports them)."""
+    # Absolute: the stage hands its paths to Ray workers, whose working directory is not ours (a judge
+    # saved by a Ray Train worker to a relative `runs/x/...` landed in the worker's own folder).
+    run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = expected_identity(stage, config, run_dir)
     upstream = identity["input_hashes"]  # None where an upstream stage has no manifest

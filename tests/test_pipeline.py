@@ -34,6 +34,11 @@ def capped(ctx):
     return {"labelled": 20}
 
 
+def paths(ctx):
+    (ctx.out / "paths.json").write_text(json.dumps({"run_dir": str(ctx.run_dir), "out": str(ctx.out), "input": str(ctx.input("produce"))}))
+    return {}
+
+
 def crash(ctx):
     (ctx.out / "partial.txt").write_text("half")
     raise RuntimeError("killed mid-stage")
@@ -85,6 +90,16 @@ def test_crash_keeps_previous_output_and_leaves_no_partial(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
     # After the crash a rerun with the original config still finds everything current.
     assert run_pipeline(load_config(), tmp_path, stages=STAGES) == {"produce": "skipped", "consume": "skipped"}
+
+
+def test_stages_get_absolute_paths_from_a_relative_run_dir(tmp_path, monkeypatch):
+    # Stages pass their paths to Ray workers, which run in another working directory.
+    monkeypatch.chdir(tmp_path)
+    stages = (STAGES[0], Stage("paths", f"{__name__}:paths", ("produce",), ()))
+    run_pipeline(load_config(), Path("runs/relative"), stages=stages)
+    seen = json.loads((tmp_path / "runs" / "relative" / "paths" / "paths.json").read_text())
+    assert all(Path(p).is_absolute() for p in seen.values())
+    assert seen["run_dir"] == str(tmp_path.resolve() / "runs" / "relative")
 
 
 def test_missing_input_is_a_clear_error(tmp_path):
