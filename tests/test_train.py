@@ -212,3 +212,20 @@ def test_batches_take_a_positive_then_hard_samples_and_mark_in_batch_negatives()
         assert grades[0, column["B"]] == 0 and grades[0, column["X"]] == -1  # x: q2's product, in-batch negative
         assert grades[0, column["A"]] == 0 and grades[1, column["A"]] == 0  # a is judged by both queries
         assert grades[1, column["X"]] == 2
+
+
+def test_sweep_trials_run_in_their_own_working_directory_with_a_relative_data_path(ray_local, tmp_path, monkeypatch):
+    from mr_ray.retriever.sweep import run_sweep
+
+    # Tune runs each trial in a working directory of its own; the run's relative data.path is the driver's.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "catalog").mkdir()
+    config = load_config(None, {"data": {"source": "canonical", "path": "catalog"}, "stage2": TINY_TRAIN, "sweep": {"trials": 1, "epochs": 1}})
+    tables = generate_sample(SampleConfig(n_products=200, n_queries=40, seed=1))
+    queries = tables["queries"]
+    examples = build_examples(queries[queries["split"] == "train"].head(16), tables["judgments"], tables["products"])
+    dev_queries = queries[queries["split"] == "dev"].head(6)
+    dev = {"products": tables["products"][["product_id", "title"]], "queries": dev_queries,
+           "truth": tables["gold"][tables["gold"]["query_id"].isin(set(dev_queries["query_id"]))]}
+    best = run_sweep(config, str(pretrained_model_path()), examples, dev, tmp_path / "tune")
+    assert len(best["trials"]) == 1 and 0.0 < best["ndcg@10"] <= 1.0

@@ -70,8 +70,8 @@ def dev_ndcg(model, products: pd.DataFrame, queries: pd.DataFrame, truth: pd.Dat
     return evaluate_retrieval(run, truth, EvaluateConfig(split="dev", recall_k=10))[OBJECTIVE]
 
 
-def trial(params: dict, *, config: dict, init_model: str, examples: pd.DataFrame, dev: dict) -> None:
-    """One Tune trial: train Stage 2 with `params` for `sweep.epochs`, report dev NDCG@10 each epoch."""
+def trial(params: dict, *, stage2: dict, epochs: int, batch_size: int, init_model: str, examples: pd.DataFrame, dev: dict) -> None:
+    """One Tune trial: train Stage 2 (`stage2`, its config) with `params` for `epochs`, report dev NDCG@10 each epoch."""
     import torch
     from ray import tune
 
@@ -81,9 +81,7 @@ def trial(params: dict, *, config: dict, init_model: str, examples: pd.DataFrame
     from mr_ray.retriever.stage_loss import stage_loss
     from mr_ray.retriever.two_tower import TwoTower
 
-    run_config = RunConfig.model_validate(config)
-    train_config = tuned_stage2(run_config.stage2, params)
-    epochs = run_config.sweep.epochs
+    train_config = tuned_stage2(Stage2Config.model_validate(stage2), params)
     device = "cuda" if train_config.use_gpu else "cpu"
     torch.manual_seed(train_config.seed)
     model = load_encoder(init_model, device, train_config.max_seq_length)
@@ -94,7 +92,7 @@ def trial(params: dict, *, config: dict, init_model: str, examples: pd.DataFrame
         frames = iter_frames(examples, train_config.queries_per_batch, seed=train_config.seed + epoch)
         rng = np.random.default_rng([train_config.seed, epoch])
         metrics = run_epoch(TwoTower(model, train_config.precision), frames, terms, optimizer, scheduler, train_config.products_per_query, rng, device)
-        score = dev_ndcg(model, dev["products"], dev["queries"], dev["truth"], run_config.encoder.batch_size)
+        score = dev_ndcg(model, dev["products"], dev["queries"], dev["truth"], batch_size)
         tune.report({OBJECTIVE: score, "epoch": epoch + 1, "loss": metrics["loss"]})
 
 
@@ -106,7 +104,11 @@ def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: d
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     sweep = config.sweep
-    trainable = tune.with_parameters(trial, config=config.model_dump(mode="json"), init_model=init_model, examples=examples, dev=dev)
+    # Only what a trial uses: a whole RunConfig would re-check its data paths from the trial's working directory.
+    trainable = tune.with_parameters(
+        trial, stage2=config.stage2.model_dump(mode="json"), epochs=sweep.epochs, batch_size=config.encoder.batch_size,
+        init_model=init_model, examples=examples, dev=dev,
+    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if config.stage2.use_gpu else 0}),
         param_space=search_space(sweep),
