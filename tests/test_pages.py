@@ -6,7 +6,9 @@
 - `report.html` from a real evaluation of the sample catalog: the tables and
   the charts are drawn.
 
-Screenshots go to $MR_RAY_SCREENSHOTS (docs/ for the committed ones) or the test's tmp folder.
+Screenshots go to $MR_RAY_SCREENSHOTS (docs/ for the committed ones) or the test's tmp folder. The
+committed search-page ones: MR_RAY_PAGES_RUN=runs/sample MR_RAY_SCREENSHOTS=docs pytest tests/test_pages.py -k search_page
+after the main job.
 """
 
 import os
@@ -50,6 +52,9 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_run(ray_local, tmp_path_factory) -> Path:
+    # MR_RAY_PAGES_RUN: a finished run to serve instead (the README's screenshots are of the main job's runs/sample).
+    if os.environ.get("MR_RAY_PAGES_RUN"):
+        return Path(os.environ["MR_RAY_PAGES_RUN"]).resolve()
     run_dir = tmp_path_factory.mktemp("pages_run")
     config = load_config(None, {"data.sample.n_products": 400, "data.sample.n_queries": 80, "index.n_shards": 2})
     run_pipeline(config, run_dir, only=["prepare", "index"])
