@@ -18,10 +18,14 @@ TINY_TRAIN = {"queries_per_batch": 8, "products_per_query": 2, "learning_rate": 
 
 
 @pytest.fixture(scope="module")
-def tiny_examples():
-    tables = generate_sample(SampleConfig(n_products=200, n_queries=40, seed=1))
-    queries = tables["queries"][tables["queries"]["split"] == "train"].head(16)
-    return build_examples(queries, tables["judgments"], tables["products"])
+def tiny_tables():
+    return generate_sample(SampleConfig(n_products=200, n_queries=40, seed=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_examples(tiny_tables):
+    queries = tiny_tables["queries"][tiny_tables["queries"]["split"] == "train"].head(16)
+    return build_examples(queries, tiny_tables["judgments"], tiny_tables["products"])
 
 
 def fixed_batch_loss(model_path, examples, config) -> float:
@@ -214,18 +218,16 @@ def test_batches_take_a_positive_then_hard_samples_and_mark_in_batch_negatives()
         assert grades[1, column["X"]] == 2
 
 
-def test_sweep_trials_run_in_their_own_working_directory_with_a_relative_data_path(ray_local, tmp_path, monkeypatch):
+def test_sweep_trials_run_in_their_own_working_directory_with_a_relative_data_path(ray_local, tiny_tables, tiny_examples, tmp_path, monkeypatch):
     from mr_ray.retriever.sweep import run_sweep
 
     # Tune runs each trial in a working directory of its own; the run's relative data.path is the driver's.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "catalog").mkdir()
     config = load_config(None, {"data": {"source": "canonical", "path": "catalog"}, "stage2": TINY_TRAIN, "sweep": {"trials": 1, "epochs": 1}})
-    tables = generate_sample(SampleConfig(n_products=200, n_queries=40, seed=1))
-    queries = tables["queries"]
-    examples = build_examples(queries[queries["split"] == "train"].head(16), tables["judgments"], tables["products"])
+    queries = tiny_tables["queries"]
     dev_queries = queries[queries["split"] == "dev"].head(6)
-    dev = {"products": tables["products"][["product_id", "title"]], "queries": dev_queries,
-           "truth": tables["gold"][tables["gold"]["query_id"].isin(set(dev_queries["query_id"]))]}
-    best = run_sweep(config, str(pretrained_model_path()), examples, dev, tmp_path / "tune")
+    dev = {"products": tiny_tables["products"][["product_id", "title"]], "queries": dev_queries,
+           "truth": tiny_tables["gold"][tiny_tables["gold"]["query_id"].isin(set(dev_queries["query_id"]))]}
+    best = run_sweep(config, str(pretrained_model_path()), tiny_examples, dev, tmp_path / "tune")
     assert len(best["trials"]) == 1 and 0.0 < best["ndcg@10"] <= 1.0
