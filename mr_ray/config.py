@@ -237,6 +237,12 @@ class Stage2Config(TrainLoopConfig):
         description="SupCon term's weight of grade-1 positives; 0 leaves separating them to circle (sample dev: AUC(2 over 1) 0.7862 vs 0.7784 at 0.3, NDCG@10 0.7900 vs 0.7894)",
     )
     use_mined: bool = Field(True, description="False = ablation: no mined samples")
+    keep_judged_grades: bool = Field(
+        False,
+        description="a mined pair that was already judged (human, label or audit) keeps that grade, and the judge's "
+        "re-annotation grades only the pairs nobody judged; False = the re-annotation wins (the method), "
+        "for a judge at least as good as the labels it replaces",
+    )
     learning_rate: float = Field(2e-5, gt=0.0)
 
 

@@ -97,3 +97,17 @@ def test_unjudged_grade_is_refused_with_the_judge_annotator():
     assert load_config(None, {"mine.annotator": "grades", "mine.unjudged_grade": 0}).mine.unjudged_grade == 0
     with pytest.raises(ConfigError, match="mine: Value error, unjudged_grade applies to annotator 'grades' only"):
         load_config(None, {"mine.annotator": "judge", "mine.unjudged_grade": 0})
+
+
+def test_a_mined_pair_takes_the_judges_grade_unless_judged_grades_are_kept():
+    from mr_ray.retriever.examples import with_mined
+
+    judged = pd.DataFrame({"query_id": ["q1", "q1"], "product_id": ["p1", "p2"], "grade": [2, 0], "source": ["human", "llm"]})
+    mined = pd.DataFrame({"query_id": ["q1", "q1"], "product_id": ["p2", "p3"], "grade": [1, 2], "source": ["mined", "mined"]})
+
+    def grades(frame):
+        return {(row.product_id, row.grade, row.hard) for row in frame.itertuples()}
+
+    # p2: judged 0, re-annotated 1; p3: only mined; p1: never mined.
+    assert grades(with_mined(judged, mined)) == {("p1", 2, False), ("p2", 1, True), ("p3", 2, True)}
+    assert grades(with_mined(judged, mined, keep_judged_grades=True)) == {("p1", 2, False), ("p2", 0, True), ("p3", 2, True)}

@@ -46,9 +46,11 @@ def select_queries(queries: pd.DataFrame, split: str, limit: Limit | None, seed:
     return chosen.reset_index(drop=True)
 
 
-def with_mined(judgments: pd.DataFrame, mined: pd.DataFrame) -> pd.DataFrame:
-    """Judgments plus re-annotated mined pairs (their grade wins), mined pairs flagged `hard`."""
-    combined = combine_judgments([judgments.assign(source="judged"), mined], ["judged", "mined"])
+def with_mined(judgments: pd.DataFrame, mined: pd.DataFrame, keep_judged_grades: bool = False) -> pd.DataFrame:
+    """Judgments plus re-annotated mined pairs, mined pairs flagged `hard`. Where a mined pair was already
+    judged, the judge's re-annotation wins (the method), or with `keep_judged_grades` the grade it had."""
+    order = ["mined", "judged"] if keep_judged_grades else ["judged", "mined"]
+    combined = combine_judgments([judgments.assign(source="judged"), mined], order)
     keys = pd.MultiIndex.from_frame(mined[["query_id", "product_id"]])
     combined["hard"] = pd.MultiIndex.from_frame(combined[["query_id", "product_id"]]).isin(keys)
     return combined
@@ -128,15 +130,17 @@ def training_set(prepared: Path, config: Stage1Config, limit: Limit | None, labe
     return products, queries, judgments[judgments["query_id"].isin(set(queries["query_id"]))]
 
 
-def stage2_examples(prepared: Path, config: Stage1Config, limit: Limit | None, labeled: list[Path], mined: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+def stage2_examples(
+    prepared: Path, config: Stage1Config, limit: Limit | None, labeled: list[Path], mined: pd.DataFrame | None, keep_judged_grades: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Stage 2's training rows: the train queries' judgments with their mined samples (None: no mining), plus
-    typo copies. Returns (products, examples, mined pairs used)."""
+    typo copies (`config`: Stage 1's, whose data the rows extend). Returns (products, examples, mined pairs used)."""
     products, queries, judgments = training_set(prepared, config, limit, labeled)
     mined_count = 0
     if mined is not None:
         mined = mined[mined["query_id"].isin(set(queries["query_id"]))]
         mined_count = len(mined)
-        judgments = with_mined(judgments, mined)
+        judgments = with_mined(judgments, mined, keep_judged_grades)
     return products, examples_with_augmentation(queries, judgments, products, config), mined_count
 
 

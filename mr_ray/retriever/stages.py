@@ -60,7 +60,9 @@ def stage2_stage(ctx: StageContext) -> dict:
     stage1 = ctx.config.stage1
     config, trained_with = stage2_settings(ctx)
     mined = read_frame(ctx.input("mine"), "mined") if config.use_mined else None
-    _, examples, mined_count = stage2_examples(ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"), mined)
+    _, examples, mined_count = stage2_examples(
+        ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"), mined, config.keep_judged_grades
+    )
     storage, name = checkpoint_storage(ctx)
     metrics = train_encoder(examples, config, str(ctx.input("stage1") / "model"), ctx.out / "model", storage, name, mlflow_uri(ctx))
     return {**metrics, "mined_pairs_used": mined_count, "trained_with": trained_with}

@@ -141,7 +141,9 @@ def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, la
     from mr_ray.retriever.examples import read_frame, select_queries, stage2_examples
 
     sweep = config.sweep
-    products, examples, _ = stage2_examples(prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined)
+    products, examples, _ = stage2_examples(
+        prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined, config.stage2.keep_judged_grades
+    )
     dev_queries = select_queries(read_frame(prepared, "queries"), "dev", Limit.of(config, "sweep.max_dev_queries"), sweep.seed)
     truth = truth_table(prepared)
     dev = {"products": products[["product_id", "title"]], "queries": dev_queries, "truth": truth[truth["query_id"].isin(set(dev_queries["query_id"]))]}
