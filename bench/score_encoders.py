@@ -4,7 +4,7 @@ Stage 2 variant tables (Home Depot, dev to choose, test to report).
 Each encoder embeds every product title and the split's queries (bf16 autocast, `--threads` torch
 threads, no Ray: about 90 s per encoder for Home Depot on 2 cores), searches the whole catalog
 exactly, and prints one line of NDCG@10, exact Recall@100 and P@10 (`mr_ray.evaluate.evaluate_retrieval`)
-and the grade separation of the split's judged pairs (`separation_metrics`). `mr-ray evaluate` gives
+and the grade separation of the split's judged pairs (`pair_scores`, `separation_metrics`). `mr-ray evaluate` gives
 the same dense numbers plus the hybrid rows, through Ray Data.
 
     python bench/score_encoders.py --prepared runs/homedepot/prepare --split dev NAME=FOLDER [NAME=FOLDER ...]
@@ -22,25 +22,20 @@ import torch
 
 from mr_ray.config import EvaluateConfig
 from mr_ray.data.prepare import read_table
-from mr_ray.evaluate import eval_queries, evaluate_retrieval, separation_metrics, truth_table
-from mr_ray.retrieval import dense_search
+from mr_ray.evaluate import eval_queries, evaluate_retrieval, judged_pairs, separation_metrics, truth_table
+from mr_ray.retrieval import dense_search, pair_scores
 from mr_ray.retriever.encoder import encode, load_encoder
 
 SHOWN = ("ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0")
 
 
-def score(model, products, queries, truth, config: EvaluateConfig, batch_size: int) -> dict:
+def score(model, products, queries, truth, pairs, config: EvaluateConfig, batch_size: int) -> dict:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         product_vectors = encode(model, products["title"].tolist(), batch_size).astype(np.float32)
         query_vectors = encode(model, queries["text"].tolist(), batch_size).astype(np.float32)
+        cosines = pair_scores(model, pairs, batch_size, dict(zip(products["product_id"], product_vectors)))
     run = dense_search(products["product_id"].to_numpy(), product_vectors, queries["query_id"], query_vectors, config.recall_k)
-    metrics = evaluate_retrieval(run, truth, config)
-    product_row = {pid: i for i, pid in enumerate(products["product_id"])}
-    query_row = {qid: i for i, qid in enumerate(queries["query_id"])}
-    cosines = np.einsum(
-        "ij,ij->i", query_vectors[[query_row[q] for q in truth["query_id"]]], product_vectors[[product_row[p] for p in truth["product_id"]]]
-    )
-    return {**metrics, **separation_metrics(truth["grade"].to_numpy(), cosines)}
+    return {**evaluate_retrieval(run, truth, config), **separation_metrics(pairs["grade"].to_numpy(), cosines)}
 
 
 def main() -> None:
@@ -57,10 +52,11 @@ def main() -> None:
     queries = eval_queries(args.prepared, config)
     truth = truth_table(args.prepared)
     truth = truth[truth["query_id"].isin(set(queries["query_id"]))]
+    pairs = judged_pairs(args.prepared, set(queries["query_id"])).merge(queries[["query_id", "text"]], on="query_id")
     print(f"{args.split}: {len(queries)} queries, {len(products)} products; columns: {', '.join(SHOWN)}")
     for name, _, folder in (item.partition("=") for item in args.encoders):
         start = time.time()
-        metrics = score(load_encoder(folder, "cpu"), products, queries, truth, config, args.batch_size)
+        metrics = score(load_encoder(folder, "cpu"), products, queries, truth, pairs, config, args.batch_size)
         print(name, json.dumps({key: round(metrics[key], 4) for key in SHOWN}), f"{time.time() - start:.0f} s", flush=True)
 
 
