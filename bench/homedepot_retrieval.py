@@ -125,7 +125,7 @@ def evaluate_model(path: str | None, products, query_sets: dict, truth, pairs, c
     return out
 
 
-def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, truth, pairs, prepared: Path, config, encoder) -> dict:
+def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, truth, pairs, prepared: Path, config, encoder, lexical_config) -> dict:
     """An encoder's two hybrid rows with BM25 (mr_ray.evaluate.hybrid_rows: RRF k=60, and the weighted fusion tuned on dev)
     on each query set: {system: {query set: metrics}}."""
     from mr_ray.evaluate import hybrid_rows, tuning_queries
@@ -136,7 +136,7 @@ def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, tru
 
     product_ids, product_vectors = embed_catalog(products, encoder, path)
     by_id = dict(zip(product_ids, product_vectors))
-    lexical = LexicalIndex.build(products["title"].tolist())
+    lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)
     shard = ShardIndex("catalog", build_faiss_index(np.stack([by_id[p] for p in products["product_id"]]), "Flat"),
                        products["product_id"].tolist(), products["title"].tolist(), lexical)
     model = load_encoder(path, encoder.device, encoder.max_seq_length)
@@ -153,11 +153,11 @@ def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, tru
     return out
 
 
-def evaluate_bm25(products, query_sets: dict, truth, config) -> dict:
+def evaluate_bm25(products, query_sets: dict, truth, config, lexical_config) -> dict:
     from mr_ray.evaluate import evaluate_retrieval
     from mr_ray.retrieval import lexical_search
 
-    return {name: evaluate_retrieval(lexical_search(products, queries, config.recall_k), truth, config) for name, queries in query_sets.items()}
+    return {name: evaluate_retrieval(lexical_search(products, queries, config.recall_k, lexical_config), truth, config) for name, queries in query_sets.items()}
 
 
 def table(results: dict, query_set: str) -> str:
@@ -226,10 +226,10 @@ def main() -> None:
         started = time.perf_counter()
         if name.endswith("+bm25"):  # the encoder's hybrid rows; the encoder itself must have been trained (listed before)
             encoder_name = name.removesuffix("+bm25")
-            for system, metrics in evaluate_hybrid(encoder_name, model_path(encoder_name), products, query_sets, truth, pairs, prepared, config.evaluate, config.encoder).items():
+            for system, metrics in evaluate_hybrid(encoder_name, model_path(encoder_name), products, query_sets, truth, pairs, prepared, config.evaluate, config.encoder, config.lexical).items():
                 record(system, started, metrics)
         elif name == "bm25":
-            record(name, started, evaluate_bm25(products, query_sets, truth, config.evaluate))
+            record(name, started, evaluate_bm25(products, query_sets, truth, config.evaluate, config.lexical))
         elif name == "pretrained":
             record(name, started, evaluate_model(None, products, query_sets, truth, pairs, config.evaluate, config.encoder))
         elif name == "st-mnrl":

@@ -159,7 +159,7 @@ def evaluate_cmd(
         models[name] = folder
     with placed_output(out, EVALUATE_KIND, [prepared, *models.values()]) as tmp:
         init_ray(address)
-        result = evaluate_systems(prepared, models, cfg.evaluate, cfg.encoder, tmp / "similarity_hist.png")
+        result = evaluate_systems(prepared, models, cfg.evaluate, cfg.encoder, cfg.lexical, tmp / "similarity_hist.png")
         (tmp / "report.json").write_text(json.dumps(result, indent=2))
         report = render_report(result, f"mr-ray evaluation: {prepared}")
         (tmp / "report.md").write_text(report + "\n![similarity histograms](similarity_hist.png)\n")

@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -87,6 +87,27 @@ class EvaluateConfig(Strict):
     hybrid: bool = Field(
         True, description="each encoder also gets its hybrid rows with BM25: reciprocal-rank fusion, and the weighted fusion tuned on dev"
     )
+
+
+class LexicalConfig(Strict):
+    """The BM25 index over product titles (mr_ray.retrieval.LexicalIndex): its analyzer and parameters."""
+
+    stemmer: str | None = Field(
+        "english",
+        description="Snowball stemmer language (PyStemmer) for titles and queries, so 'drills' matches 'drill'; null = none "
+        "(Home Depot dev, BM25 NDCG@10: 0.3702 stemmed, 0.3221 not)",
+    )
+    k1: float = Field(1.5, gt=0.0, description="BM25 term-frequency saturation")
+    b: float = Field(0.75, ge=0.0, le=1.0, description="BM25 length normalisation")
+
+    @field_validator("stemmer")
+    @classmethod
+    def known_stemmer(cls, value: str | None) -> str | None:
+        import Stemmer
+
+        if value is not None and value not in Stemmer.algorithms():
+            raise ValueError(f"unknown stemmer {value!r}; one of {', '.join(sorted(Stemmer.algorithms()))}, or null")
+        return value
 
 
 class IndexConfig(Strict):
@@ -398,6 +419,7 @@ class RunConfig(Strict):
     data: DataConfig = DataConfig()
     encoder: EncoderConfig = EncoderConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    lexical: LexicalConfig = LexicalConfig()
     index: IndexConfig = IndexConfig()
     serve: ServeConfig = ServeConfig()
     stage1: Stage1Config = Stage1Config()

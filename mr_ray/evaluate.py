@@ -20,7 +20,7 @@ import pandas as pd
 from ranx import Qrels, Run, evaluate
 from sklearn.metrics import roc_auc_score
 
-from mr_ray.config import EncoderConfig, EvaluateConfig
+from mr_ray.config import EncoderConfig, EvaluateConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.labeler.report import judge_report
 from mr_ray.report_page import render_report_html
@@ -170,7 +170,9 @@ def query_changes(before: str, after: str, runs: dict[str, RunDict], systems: di
     return {"before": before, "after": after, "gained": [entry(d, q) for d, q in reversed(delta[-n:]) if d > 0], "lost": [entry(d, q) for d, q in delta[:n] if d < 0]}
 
 
-def evaluate_systems(prepared: Path, models: dict[str, str | None], config: EvaluateConfig, encoder: EncoderConfig, plot_path: Path | None = None) -> dict:
+def evaluate_systems(
+    prepared: Path, models: dict[str, str | None], config: EvaluateConfig, encoder: EncoderConfig, lexical_config: LexicalConfig, plot_path: Path | None = None
+) -> dict:
     """Metrics of BM25 (if asked) and of every encoder in `models` (name -> folder; None = pretrained), each
     encoder with its hybrid rows (config.hybrid), and the queries the last encoder changed most."""
     from mr_ray.index.fusion import normalise_lexical
@@ -185,9 +187,9 @@ def evaluate_systems(prepared: Path, models: dict[str, str | None], config: Eval
     k = max(config.ndcg_k, config.recall_k, config.precision_k)
     systems: dict[str, dict] = {}
     runs: dict[str, RunDict] = {}
-    lexical = LexicalIndex.build(products["title"].tolist())  # row i = products row i
+    lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)  # row i = products row i
     if "bm25" in config.baselines:
-        runs["bm25"] = lexical_search(products, queries, k)
+        runs["bm25"] = lexical_search(products, queries, k, lexical_config)
         systems["bm25"] = evaluate_retrieval(runs["bm25"], truth, config)
     if config.hybrid:
         row_of = pd.Series(np.arange(len(products)), index=products["product_id"])
@@ -364,7 +366,7 @@ def evaluate_stage(ctx) -> dict:
         models["st-mnrl"] = st_mnrl_model(ctx.input("prepare"), ctx.config, ctx.out / "st-mnrl")
     for folder in ctx.inputs_of("encoder"):
         models[folder.name] = str(folder / "model")
-    result = evaluate_systems(ctx.input("prepare"), models, ctx.config.evaluate, ctx.config.encoder, ctx.out / "similarity_hist.png")
+    result = evaluate_systems(ctx.input("prepare"), models, ctx.config.evaluate, ctx.config.encoder, ctx.config.lexical, ctx.out / "similarity_hist.png")
     run_markdown, run_numbers = run_section(ctx)
     judge_markdown, judge_numbers = judge_report(ctx)  # the judge section, when the judge stages ran
     numbers = {**result, **({"run": run_numbers} if run_numbers else {}), **({"judge": judge_numbers} if judge_numbers else {})}

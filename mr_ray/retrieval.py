@@ -8,12 +8,13 @@ then fusion) lives in mr_ray.index.shards and mr_ray.index.fusion on top of them
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mr_ray.config import EncoderConfig
+from mr_ray.config import EncoderConfig, LexicalConfig
 
 RunDict = dict[str, dict[str, float]]
 
@@ -62,38 +63,52 @@ def dense_search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids
 
 
 class LexicalIndex:
-    """BM25 (bm25s; lower-cased words of 2+ characters, English stopwords) over product titles.
+    """BM25 (bm25s) over product titles: lower-cased words of 2+ characters, English stopwords, and
+    the configured Snowball stemmer (LexicalConfig), the same for titles and queries.
 
-    Saved as a bm25s folder; a query's tokens that the index has never seen are
-    dropped, and a query with none left scores 0 everywhere.
+    Saved as a bm25s folder plus the analyzer (ANALYZER_FILE), so a loaded index
+    reads queries as it read titles. A query's tokens that the index has never
+    seen are dropped, and a query with none left scores 0 everywhere.
     """
 
-    def __init__(self, retriever):
-        self.retriever = retriever
-        self.n_docs = int(retriever.scores["num_docs"])
+    ANALYZER_FILE = "analyzer.json"
 
-    @staticmethod
-    def tokens(texts: list[str]) -> list[list[str]]:
+    def __init__(self, retriever, stemmer: str | None):
+        import Stemmer
+
+        self.retriever = retriever
+        self.stemmer = stemmer
+        self._stem = Stemmer.Stemmer(stemmer) if stemmer else None
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.retriever.scores["num_docs"])
+
+    def tokens(self, texts: list[str]) -> list[list[str]]:
         import bm25s
 
-        return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+        return bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stem, return_ids=False, show_progress=False)
 
     @classmethod
-    def build(cls, titles: list[str]) -> "LexicalIndex":
+    def build(cls, titles: list[str], config: LexicalConfig) -> "LexicalIndex":
         import bm25s
 
-        retriever = bm25s.BM25()
-        retriever.index(cls.tokens(titles), show_progress=False)
-        return cls(retriever)
+        index = cls(bm25s.BM25(k1=config.k1, b=config.b), config.stemmer)
+        index.retriever.index(index.tokens(titles), show_progress=False)
+        return index
 
     def save(self, folder: Path) -> None:
         self.retriever.save(str(folder), show_progress=False)
+        (Path(folder) / self.ANALYZER_FILE).write_text(json.dumps({"stemmer": self.stemmer}))
 
     @classmethod
     def load(cls, folder: Path) -> "LexicalIndex":
+        """A saved index; one saved before the analyzer was stored had no stemmer."""
         import bm25s
 
-        return cls(bm25s.BM25.load(str(folder), show_progress=False))
+        analyzer = Path(folder) / cls.ANALYZER_FILE
+        stemmer = json.loads(analyzer.read_text())["stemmer"] if analyzer.is_file() else None
+        return cls(bm25s.BM25.load(str(folder), show_progress=False), stemmer)
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """BM25 score of every document for every text: (n_texts, n_docs) float32."""
@@ -127,9 +142,9 @@ class LexicalIndex:
         return scores, rows, every
 
 
-def lexical_search(products: pd.DataFrame, queries: pd.DataFrame, k: int) -> RunDict:
+def lexical_search(products: pd.DataFrame, queries: pd.DataFrame, k: int, config: LexicalConfig) -> RunDict:
     """BM25 top-k over product titles as a run {query_id: {product_id: score}} (only products sharing a term)."""
-    scores, rows, _ = LexicalIndex.build(products["title"].tolist()).search(queries["text"].tolist(), k)
+    scores, rows, _ = LexicalIndex.build(products["title"].tolist(), config).search(queries["text"].tolist(), k)
     product_ids = products["product_id"].to_numpy()
     return {
         str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}

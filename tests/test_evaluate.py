@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mr_ray.config import EvaluateConfig
+from mr_ray.config import EvaluateConfig, LexicalConfig
 from mr_ray.evaluate import evaluate_retrieval, separation_metrics
 from mr_ray.retrieval import lexical_search
 
@@ -53,6 +53,23 @@ def test_separation_metrics_hand_case():
 def test_bm25_finds_the_matching_title():
     products = pd.DataFrame({"product_id": ["a", "b", "c"], "title": ["cordless drill 18v", "red running shoes", "drill bits set"]})
     queries = pd.DataFrame({"query_id": ["q"], "text": ["running shoes"]})
-    run = lexical_search(products, queries, k=3)
+    run = lexical_search(products, queries, 3, LexicalConfig())
     assert max(run["q"], key=run["q"].get) == "b"
     assert "a" not in run["q"]  # no shared term, no score
+
+
+def test_bm25_stems_titles_and_queries_alike_and_keeps_its_analyzer_when_saved(tmp_path):
+    from mr_ray.retrieval import LexicalIndex
+
+    products = pd.DataFrame({"product_id": ["a", "b"], "title": ["cordless drill 18v", "red running shoes"]})
+    queries = pd.DataFrame({"query_id": ["q"], "text": ["drills"]})
+    assert list(lexical_search(products, queries, 2, LexicalConfig())["q"]) == ["a"]  # drills -> drill
+    assert lexical_search(products, queries, 2, LexicalConfig(stemmer=None))["q"] == {}
+    LexicalIndex.build(products["title"].tolist(), LexicalConfig()).save(tmp_path / "bm25")
+    loaded = LexicalIndex.load(tmp_path / "bm25")
+    assert loaded.stemmer == "english" and loaded.scores(["drills"])[0, 0] > 0 == loaded.scores(["drills"])[0, 1]
+
+
+def test_an_unknown_stemmer_is_a_config_error():
+    with pytest.raises(ValueError, match="unknown stemmer 'klingon'"):
+        LexicalConfig(stemmer="klingon")

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mr_ray.config import EncoderConfig, load_config
+from mr_ray.config import EncoderConfig, LexicalConfig, load_config
 from mr_ray.index.build import choose_encoder, shard_bounds, write_shard
 from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest
 from mr_ray.index.thresholds import GradeThresholds, calibrate_thresholds, load_retrieval_thresholds
@@ -26,7 +26,7 @@ def write_sharded(tmp_path, vectors, n_shards, factory="Flat", search_params="")
     shards = []
     for number, (start, stop) in enumerate(shard_bounds(len(vectors), n_shards)):
         index = build_faiss_index(vectors[start:stop], factory, search_params)
-        write_shard(tmp_path / f"shard-{number}", index, ids[start:stop], [f"title {i}" for i in range(start, stop)])
+        write_shard(tmp_path / f"shard-{number}", index, ids[start:stop], [f"title {i}" for i in range(start, stop)], LexicalConfig())
         shards.append(ShardIndex.open(tmp_path / f"shard-{number}", search_params))
     return shards
 
@@ -287,7 +287,7 @@ def test_shard_answers_both_halves_with_both_scores(tmp_path):
     vectors = unit_vectors(4, seed=7)
     titles = ["black leather sofa", "red running shoes", "cordless drill 18v", "drill bits set"]
     index = build_faiss_index(vectors, "Flat")
-    write_shard(tmp_path / "shard", index, ["p0", "p1", "p2", "p3"], titles)
+    write_shard(tmp_path / "shard", index, ["p0", "p1", "p2", "p3"], titles, LexicalConfig())
     shard = ShardIndex.open(tmp_path / "shard")
     (found,) = shard.search_both(vectors[[1]], ["drill"], k=1)
     assert found.product_ids.tolist()[0] == "p1" and found.found_dense.tolist()[0] and not found.found_lexical[0]

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mr_ray.config import EncoderConfig, IndexConfig
+from mr_ray.config import EncoderConfig, IndexConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_LEXICAL_DIR, SHARD_PRODUCTS_FILE, open_shards, search_shards_both
 from mr_ray.index.thresholds import save_retrieval_thresholds
@@ -48,14 +48,14 @@ def shard_bounds(n_rows: int, n_shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1].tolist(), edges[1:].tolist()))
 
 
-def write_shard(folder: Path, index, product_ids: list[str], titles: list[str]) -> None:
+def write_shard(folder: Path, index, product_ids: list[str], titles: list[str], lexical_cfg: LexicalConfig) -> None:
     """One shard folder: the FAISS index, its product-id map (row i = FAISS id i) and a BM25 index of the same titles."""
     import faiss
 
     folder.mkdir(parents=True)
     faiss.write_index(index, str(folder / SHARD_INDEX_FILE))
     pq.write_table(pa.table({"product_id": product_ids, "title": titles}), folder / SHARD_PRODUCTS_FILE)
-    LexicalIndex.build(titles).save(folder / SHARD_LEXICAL_DIR)
+    LexicalIndex.build(titles, lexical_cfg).save(folder / SHARD_LEXICAL_DIR)
 
 
 def build_index(
@@ -63,6 +63,7 @@ def build_index(
     out: Path,
     index_cfg: IndexConfig,
     encoder_cfg: EncoderConfig,
+    lexical_cfg: LexicalConfig,
     model_path: str | None,
     keep_vectors_of: set[str] = frozenset(),
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -86,7 +87,7 @@ def build_index(
         while len(shards) < len(sizes) and pending_rows >= sizes[len(shards)]:
             size = sizes[len(shards)]
             rows = {column: np.concatenate([b[column] for b in pending]) for column in ("product_id", "title", "embedding")}
-            shards.append(build_shard(out, len(shards), rows, size, index_cfg))
+            shards.append(build_shard(out, len(shards), rows, size, index_cfg, lexical_cfg))
             pending = [{column: values[size:] for column, values in rows.items()}]
             pending_rows -= size
     if len(shards) != len(sizes) or pending_rows:
@@ -94,12 +95,12 @@ def build_index(
     return shards, kept
 
 
-def build_shard(out: Path, number: int, rows: dict[str, np.ndarray], size: int, index_cfg: IndexConfig) -> dict:
+def build_shard(out: Path, number: int, rows: dict[str, np.ndarray], size: int, index_cfg: IndexConfig, lexical_cfg: LexicalConfig) -> dict:
     """Index the first `size` embedded rows as shard `number`; returns its manifest entry."""
     started = time.perf_counter()
     index = build_faiss_index(rows["embedding"][:size], index_cfg.factory, index_cfg.search_params, index_cfg.train_size, seed=number)
     name = f"shard-{number:03d}"
-    write_shard(out / name, index, rows["product_id"][:size].tolist(), [str(t) for t in rows["title"][:size]])
+    write_shard(out / name, index, rows["product_id"][:size].tolist(), [str(t) for t in rows["title"][:size]], lexical_cfg)
     return {"name": name, "path": name, "products": size, "build_s": round(time.perf_counter() - started, 3)}
 
 
@@ -190,7 +191,7 @@ def index_stage(ctx) -> dict:
     pairs, calibration = calibration_pairs(prepared, config.index)
     products = ray.data.read_parquet(str(prepared / "products"), columns=["product_id", "title"])
     started = time.perf_counter()
-    shards, kept = build_index(products, ctx.out, config.index, config.encoder, model_path, set(pairs["product_id"]))
+    shards, kept = build_index(products, ctx.out, config.index, config.encoder, config.lexical, model_path, set(pairs["product_id"]))
     n_products = sum(shard["products"] for shard in shards)
     # The stage folder is renamed to run_dir/index when it finishes: store trained
     # encoders relative to that final place.
