@@ -7,7 +7,8 @@
   the charts are drawn.
 
 Screenshots go to $MR_RAY_SCREENSHOTS (docs/ for the committed ones) or the test's tmp folder. The
-committed search-page ones: MR_RAY_PAGES_RUN=runs/sample MR_RAY_SCREENSHOTS=docs pytest tests/test_pages.py -k search_page
+committed search-page ones: MR_RAY_PAGES_RUN=runs/sample MR_RAY_PAGES_QUERY="black cordless drill" MR_RAY_SCREENSHOTS=docs
+pytest tests/test_pages.py -k search_page
 after the main job.
 """
 
@@ -22,7 +23,8 @@ from mr_ray.config import EncoderConfig, EvaluateConfig, LexicalConfig, ServeCon
 from mr_ray.pipeline import run_pipeline
 from mr_ray.serve.ports import free_port
 
-QUERY = "black leather sofa"
+# MR_RAY_PAGES_QUERY: the query to search (the README's screenshots use one whose exact products the served catalog holds).
+QUERY = os.environ.get("MR_RAY_PAGES_QUERY", "black leather sofa")
 
 
 @pytest.fixture(scope="module")
