@@ -68,6 +68,11 @@ def test_bm25_stems_titles_and_queries_alike_and_keeps_its_analyzer_when_saved(t
     LexicalIndex.build(products["title"].tolist(), LexicalConfig()).save(tmp_path / "bm25")
     loaded = LexicalIndex.load(tmp_path / "bm25")
     assert loaded.stemmer == "english" and loaded.scores(["drills"])[0, 0] > 0 == loaded.scores(["drills"])[0, 1]
+    # An index saved before the analyzer was stored was built without stemming, and reads queries the same way.
+    LexicalIndex.build(products["title"].tolist(), LexicalConfig(stemmer=None)).save(tmp_path / "old")
+    (tmp_path / "old" / LexicalIndex.ANALYZER_FILE).unlink()
+    old = LexicalIndex.load(tmp_path / "old")
+    assert old.stemmer is None and old.scores(["drills"]).max() == 0 and old.scores(["drill"])[0, 0] > 0
 
 
 def test_an_unknown_stemmer_is_a_config_error():
