@@ -155,9 +155,11 @@ def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, tru
 
 def evaluate_bm25(products, query_sets: dict, truth, config, lexical_config) -> dict:
     from mr_ray.evaluate import evaluate_retrieval
-    from mr_ray.retrieval import lexical_search
+    from mr_ray.retrieval import LexicalIndex, lexical_search
 
-    return {name: evaluate_retrieval(lexical_search(products, queries, config.recall_k, lexical_config), truth, config) for name, queries in query_sets.items()}
+    lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)
+    product_ids = products["product_id"].to_numpy()
+    return {name: evaluate_retrieval(lexical_search(lexical, product_ids, queries, config.recall_k), truth, config) for name, queries in query_sets.items()}
 
 
 def table(results: dict, query_set: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from mr_ray.config import EvaluateConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.evaluate import eval_queries, evaluate_retrieval, truth_table
-from mr_ray.retrieval import lexical_search
+from mr_ray.retrieval import LexicalIndex, lexical_search
 
 SHOWN = ("ndcg@10", "recall@100_exact", "precision@10_exact")
 
@@ -42,7 +42,8 @@ def main() -> None:
     for stemmer, k1, b in grid:
         lexical = LexicalConfig(stemmer=None if stemmer == "none" else stemmer, k1=k1, b=b)
         started = time.perf_counter()
-        metrics = evaluate_retrieval(lexical_search(products, queries, config.recall_k, lexical), truth, config)
+        index = LexicalIndex.build(products["title"].tolist(), lexical)
+        metrics = evaluate_retrieval(lexical_search(index, products["product_id"].to_numpy(), queries, config.recall_k), truth, config)
         shown = {name: round(metrics[name], 4) for name in SHOWN}
         print(json.dumps({"stemmer": stemmer, "k1": k1, "b": b, **shown, "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 

@@ -189,7 +189,7 @@ def evaluate_systems(
     runs: dict[str, RunDict] = {}
     lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)  # row i = products row i
     if "bm25" in config.baselines:
-        runs["bm25"] = lexical_search(products, queries, k, lexical_config)
+        runs["bm25"] = lexical_search(lexical, products["product_id"].to_numpy(), queries, k)
         systems["bm25"] = evaluate_retrieval(runs["bm25"], truth, config)
     if config.hybrid:
         row_of = pd.Series(np.arange(len(products)), index=products["product_id"])

@@ -142,10 +142,10 @@ class LexicalIndex:
         return scores, rows, every
 
 
-def lexical_search(products: pd.DataFrame, queries: pd.DataFrame, k: int, config: LexicalConfig) -> RunDict:
-    """BM25 top-k over product titles as a run {query_id: {product_id: score}} (only products sharing a term)."""
-    scores, rows, _ = LexicalIndex.build(products["title"].tolist(), config).search(queries["text"].tolist(), k)
-    product_ids = products["product_id"].to_numpy()
+def lexical_search(index: LexicalIndex, product_ids: np.ndarray, queries: pd.DataFrame, k: int) -> RunDict:
+    """BM25 top-k of an index built over the titles of `product_ids` (row i = product_ids[i]) as a run
+    {query_id: {product_id: score}} (only products sharing a term)."""
+    scores, rows, _ = index.search(queries["text"].tolist(), k)
     return {
         str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}
         for qid, row_r, row_s in zip(queries["query_id"], rows, scores)

@@ -8,7 +8,7 @@ import pytest
 
 from mr_ray.config import EvaluateConfig, LexicalConfig
 from mr_ray.evaluate import evaluate_retrieval, separation_metrics
-from mr_ray.retrieval import lexical_search
+from mr_ray.retrieval import LexicalIndex, lexical_search
 
 
 def judgments(rows):
@@ -50,21 +50,23 @@ def test_separation_metrics_hand_case():
     assert out["mean_cos_grade2"] == pytest.approx(0.75)
 
 
+def bm25_run(products: pd.DataFrame, queries: pd.DataFrame, k: int, config: LexicalConfig) -> dict:
+    return lexical_search(LexicalIndex.build(products["title"].tolist(), config), products["product_id"].to_numpy(), queries, k)
+
+
 def test_bm25_finds_the_matching_title():
     products = pd.DataFrame({"product_id": ["a", "b", "c"], "title": ["cordless drill 18v", "red running shoes", "drill bits set"]})
     queries = pd.DataFrame({"query_id": ["q"], "text": ["running shoes"]})
-    run = lexical_search(products, queries, 3, LexicalConfig())
+    run = bm25_run(products, queries, 3, LexicalConfig())
     assert max(run["q"], key=run["q"].get) == "b"
     assert "a" not in run["q"]  # no shared term, no score
 
 
 def test_bm25_stems_titles_and_queries_alike_and_keeps_its_analyzer_when_saved(tmp_path):
-    from mr_ray.retrieval import LexicalIndex
-
     products = pd.DataFrame({"product_id": ["a", "b"], "title": ["cordless drill 18v", "red running shoes"]})
     queries = pd.DataFrame({"query_id": ["q"], "text": ["drills"]})
-    assert list(lexical_search(products, queries, 2, LexicalConfig())["q"]) == ["a"]  # drills -> drill
-    assert lexical_search(products, queries, 2, LexicalConfig(stemmer=None))["q"] == {}
+    assert list(bm25_run(products, queries, 2, LexicalConfig())["q"]) == ["a"]  # drills -> drill
+    assert bm25_run(products, queries, 2, LexicalConfig(stemmer=None))["q"] == {}
     LexicalIndex.build(products["title"].tolist(), LexicalConfig()).save(tmp_path / "bm25")
     loaded = LexicalIndex.load(tmp_path / "bm25")
     assert loaded.stemmer == "english" and loaded.scores(["drills"])[0, 0] > 0 == loaded.scores(["drills"])[0, 1]
