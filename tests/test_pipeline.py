@@ -251,7 +251,7 @@ def test_library_defaults_take_all_the_data_and_the_sample_job_sets_its_limits()
     assert {name: Limit.of(defaults, name).value for name in limits} == dict.fromkeys(limits)
     assert load_config(None, {"judge.kind": "causal_lm"}).judge.finetune.max_examples is None
     assert {name: Limit.of(sample, name).value for name in limits if Limit.of(sample, name).value is not None} == {
-        "judge.finetune.max_holdout": 100, "judge.label.max_queries": 20, "judge.synthesize.max_products": 8,
+        "judge.finetune.max_holdout": 400, "judge.label.max_queries": 20, "judge.synthesize.max_products": 8,
         "sweep.max_train_queries": 64, "sweep.max_dev_queries": 60,
     }
 
