@@ -56,6 +56,11 @@ def dense_search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids
     """Exact inner-product top-k (cosine: vectors are normalised) as a run {query_id: {product_id: score}}."""
     index = build_faiss_index(product_vectors, "Flat")
     scores, rows = index.search(query_vectors, min(k, len(product_ids)))
+    return run_from_rows(product_ids, query_ids, rows, scores)
+
+
+def run_from_rows(product_ids: np.ndarray, query_ids, rows: np.ndarray, scores: np.ndarray) -> RunDict:
+    """Per-query top-k rows and scores (row -1 = no hit) as a run {query_id: {product_id: score}}."""
     return {
         str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}
         for qid, row_r, row_s in zip(query_ids, rows, scores)
@@ -146,10 +151,7 @@ def lexical_search(index: LexicalIndex, product_ids: np.ndarray, queries: pd.Dat
     """BM25 top-k of an index built over the titles of `product_ids` (row i = product_ids[i]) as a run
     {query_id: {product_id: score}} (only products sharing a term)."""
     scores, rows, _ = index.search(queries["text"].tolist(), k)
-    return {
-        str(qid): {str(product_ids[r]): float(s) for r, s in zip(row_r, row_s) if r >= 0}
-        for qid, row_r, row_s in zip(queries["query_id"], rows, scores)
-    }
+    return run_from_rows(product_ids, queries["query_id"], rows, scores)
 
 
 def embed_catalog(products: pd.DataFrame, config: EncoderConfig, model_path: str | None) -> tuple[np.ndarray, np.ndarray]:
