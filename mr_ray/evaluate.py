@@ -187,7 +187,8 @@ def evaluate_systems(
     k = max(config.ndcg_k, config.recall_k, config.precision_k)
     systems: dict[str, dict] = {}
     runs: dict[str, RunDict] = {}
-    lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)  # row i = products row i
+    if "bm25" in config.baselines or config.hybrid:
+        lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)  # row i = products row i
     if "bm25" in config.baselines:
         runs["bm25"] = lexical_search(lexical, products["product_id"].to_numpy(), queries, k)
         systems["bm25"] = evaluate_retrieval(runs["bm25"], truth, config)
