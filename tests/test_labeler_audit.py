@@ -69,8 +69,9 @@ def test_error_rate_counts_only_pairs_with_truth():
     assert audit.error_rate(judged, truth) == (0.5, 2)
 
 
-def test_ray_data_aggregates_engagement_per_pair_and_joins_it(ray_local):
+def test_ray_data_aggregates_engagement_per_pair_and_joins_it(ray_local, monkeypatch):
     ray = ray_local
+    monkeypatch.setattr(audit, "ROWS_PER_PARTITION", 2)  # two hash partitions: a pair's rows still meet in one
     logs = pd.DataFrame(
         {"query_id": ["q1", "q1", "q2"], "product_id": ["a", "a", "e"], "impressions": [60, 40, 200], "clicks": [3, 2, 1], "add_to_cart": [2, 1, 0], "orders": [1, 0, 0]}
     )

@@ -164,11 +164,9 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
     assert float(logged["circle.scale"]) == params["scale"] and float(logged["temperature"]) == params["temperature"]
     assert float(logged["circle.margin_exact_partial"]) == params["margin_exact_partial"]
 
-    # Nothing changed: every stage is current. A different sweep retrains Stage 2 (not Stage 1 or mine).
+    # Nothing changed: every stage is current. (A new sweep result reruns Stage 2 as any changed input
+    # reruns its readers: tests/test_pipeline.py; the sweep is among Stage 2's input hashes, above.)
     assert set(run_pipeline(config, tmp_path, until="stage2", log=log.append).values()) == {"skipped"}
-    resweep = config.model_copy(update={"sweep": config.sweep.model_copy(update={"scales": [24.0]})})
-    assert run_pipeline(resweep, tmp_path, only=["sweep", "stage2"], log=log.append) == {"sweep": "ran", "stage2": "ran"}
-    assert read_manifest(tmp_path / "stage2")["metrics"]["trained_with"]["params"]["scale"] == 24.0
 
 
 def test_without_the_sweep_stage2_trains_with_its_own_config(tmp_path):
