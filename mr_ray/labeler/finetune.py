@@ -168,7 +168,7 @@ def checkpointed_training(core, optimizer, cfg: JudgeFinetuneConfig, steps_per_e
             loss.backward()
             optimizer.step()
             step += 1
-            window_loss.append(float(loss))
+            window_loss.append(loss.item())
             window_s.append(time.perf_counter() - started)
             if step % cfg.checkpoint_every and step != steps_per_epoch * cfg.epochs:
                 continue
