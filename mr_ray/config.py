@@ -320,6 +320,11 @@ class JudgeFinetuneConfig(Strict):
     soft_targets: bool = Field(True, description="cross-encoder: train towards the mean rating's grade split where judgments carry rating_mean")
     max_seq_length: int = Field(64, ge=16, le=512, description="cross-encoder: tokens of the (query, product) text pair; labeling truncates the same")
     checkpoint_every: int = Field(10, ge=1, description="steps between Ray Train checkpoints")
+    grade_offsets: bool = Field(
+        False, description="cross-encoder: fit per-grade logit offsets on half the held-out queries and fold them into the "
+        "classifier's bias (mr_ray.labeler.calibration); the other half reports"
+    )
+    min_grade_recall: float = Field(0.5, ge=0.0, le=1.0, description="grade_offsets: every grade's recall the offsets must keep, if any can")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="cross-encoder: bf16 autocast for the encoder's forward (weights, optimiser, loss fp32); CPUs with AVX512-BF16 or AMX, Ampere+ GPUs"
     )
@@ -376,7 +381,7 @@ class SynthesizeConfig(Strict):
 
 
 # A full fine-tune of the small encoder on every train label fits a CPU budget (MiniLM-L6: ~50 pairs/s on 2 cores).
-CROSS_ENCODER_FINETUNE = {"train_layers": None, "batch_size": 32, "learning_rate": 5e-5, "epochs": 2, "checkpoint_every": 50}
+CROSS_ENCODER_FINETUNE = {"train_layers": None, "batch_size": 32, "learning_rate": 5e-5, "epochs": 2, "checkpoint_every": 50, "grade_offsets": True}
 
 
 class JudgeConfig(Strict):
@@ -408,9 +413,11 @@ class JudgeConfig(Strict):
         return {**data, "finetune": {**CROSS_ENCODER_FINETUNE, **finetune}}
 
     @model_validator(mode="after")
-    def bf16_is_cross_encoder_only(self) -> "JudgeConfig":
+    def cross_encoder_only_options(self) -> "JudgeConfig":
         if self.finetune.precision == "bf16" and self.kind != "cross_encoder":
             raise ValueError("judge.finetune.precision bf16 applies to the cross_encoder judge only")
+        if self.finetune.grade_offsets and self.kind != "cross_encoder":
+            raise ValueError("judge.finetune.grade_offsets applies to the cross_encoder judge only")
         return self
 
 

@@ -57,6 +57,10 @@ def test_job_submit_runs_pipeline_then_skips_everything(tmp_path):
     # The pretrained encoder separates grades better than chance on rule-graded data.
     assert systems["pretrained"]["auc_1_over_0"] > 0.6
     assert (run_dir / "evaluate" / "similarity_hist.png").stat().st_size > 10_000
+    # the judge decides with logit offsets fit on half its held-out queries, and the report says so
+    fit = json.loads((run_dir / "judge_finetune" / "manifest.json").read_text())["metrics"]["grade_offsets"]
+    assert len(fit["offsets"]) == 3 and fit["offsets"][1] == 0.0 and fit["calibration_pairs"] > 0
+    assert "per-grade logit offsets" in (run_dir / "evaluate" / "report.md").read_text()
     second = run_main(config, run_dir)
     assert ": running" not in second
     assert second.count("skipped (manifest matches)") >= 2

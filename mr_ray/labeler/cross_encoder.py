@@ -219,6 +219,18 @@ def probabilities_transformers(model_path: str | Path, examples: pd.DataFrame, b
     return np.concatenate(out) if out else np.zeros((0, 3))
 
 
+def fold_grade_offsets(model_path: str | Path, offsets: np.ndarray) -> None:
+    """Add per-grade logit offsets (`mr_ray.labeler.calibration`) to the classifier's output bias, in place:
+    the saved folder then gives softmax(z + offsets) to `transformers` and vLLM alike."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_path), dtype=torch.float32)
+    head = [module for module in model.modules() if isinstance(module, nn.Linear) and module.out_features == len(ID2LABEL)][-1]
+    with torch.no_grad():
+        head.bias += torch.as_tensor(offsets, dtype=head.bias.dtype)
+    model.save_pretrained(str(model_path))
+
+
 def engine_rows(strings: pd.DataFrame, model_path: str | Path) -> pd.DataFrame:
     """(query_id, product_id, variant, query, product) -> engine rows with the pair's token ids and where type 1 starts."""
     from transformers import AutoTokenizer

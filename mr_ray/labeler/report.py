@@ -109,6 +109,14 @@ def judge_section(judge_eval: dict | None, human: pd.DataFrame | None, judge: pd
             confusion_markdown(judge_eval["confusion"]),
             "",
         ]
+        if judge_eval.get("grade_offsets"):
+            fit = judge_eval["grade_offsets"]
+            lines += [
+                f"The judge decides with per-grade logit offsets {fit['offsets']} (grades 0 / 1 / 2), fit on {fit['calibration_pairs']} human-labelled "
+                f"pairs of other held-out queries: their macro-F1 {fit['before_macro_f1']:.4f} -> {fit['after_macro_f1']:.4f}, accuracy "
+                f"{fit['before_accuracy']:.4f} -> {fit['after_accuracy']:.4f}.",
+                "",
+            ]
     if gold is not None:
         rows = []
         for name, table in (("human", human), ("judge", judge), ("audited", audited)):

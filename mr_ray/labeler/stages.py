@@ -17,8 +17,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mr_ray.config import section_hash
-from mr_ray.labeler import audit, finetune, label, synthesize
+from mr_ray.config import JudgeFinetuneConfig, section_hash
+from mr_ray.labeler import audit, cross_encoder, finetune, label, synthesize
+from mr_ray.labeler.calibration import adjusted, fit_grade_offsets
 from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.model import base_model_folder
 from mr_ray.labeler.prompt import grades_from_probabilities, within_one_accuracy
@@ -57,6 +58,24 @@ def _accuracy(judged: pd.DataFrame, truth: pd.DataFrame, prefix: str) -> dict:
     }
 
 
+def fit_decision(judge, model: Path, calibration: pd.DataFrame, cfg: JudgeFinetuneConfig) -> dict:
+    """Fit per-grade logit offsets on `calibration` (human-labelled pairs of held-out queries) and fold them into
+    the classifier at `model` (`mr_ray.labeler.calibration`); returns the offsets and the pairs' metrics before and after."""
+    started = time.perf_counter()
+    truth = calibration["grade"].to_numpy().astype(int)
+    probabilities = judge.probabilities(model, calibration)
+    offsets = fit_grade_offsets(probabilities, truth, cfg.min_grade_recall)
+    cross_encoder.fold_grade_offsets(model, offsets)
+    before, after = judge_metrics(truth, probabilities), judge_metrics(truth, adjusted(probabilities, offsets))
+    return {
+        "offsets": [round(float(b), 2) for b in offsets],
+        "calibration_pairs": int(len(calibration)),
+        "min_grade_recall": cfg.min_grade_recall,
+        **{f"{name}_{key}": before_after[key] for name, before_after in (("before", before), ("after", after)) for key in ("accuracy", "macro_f1", "recall")},
+        "fit_s": round(time.perf_counter() - started, 1),
+    }
+
+
 def judge_finetune_stage(ctx: StageContext) -> dict:
     """Fine-tune the judge (`judge.kind`) on the train split's human labels, score the held-out queries' labels."""
     cfg = ctx.config.judge
@@ -76,6 +95,9 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
     storage = _cache(ctx, f"judge-train-{cfg.kind}-{section_hash(cfg.finetune)}-{section_hash({'model': str(base), 'pairs': sorted(examples['query_id'] + '|' + examples['product_id'])})}")
     metrics = judge.finetune(examples, base, cfg.finetune, storage, ctx.out / "model")
 
+    if cfg.finetune.grade_offsets:  # half the held-out queries fit the decision, the other half report it
+        holdout_labels, calibration_labels = finetune.split_holdout(holdout_labels, 0.5, cfg.finetune.seed)
+        metrics["grade_offsets"] = fit_decision(judge, ctx.out / "model", judge.examples(calibration_labels, queries, products, cfg.finetune), cfg.finetune)
     holdout = judge.examples(holdout_labels, queries, products, cfg.finetune)
     if cfg.finetune.max_holdout is not None and len(holdout) > cfg.finetune.max_holdout:
         note_limit(Limit.of(ctx.config, "judge.finetune.max_holdout"), cfg.finetune.max_holdout, len(holdout), "held-out pairs")
@@ -93,6 +115,8 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
             rows = with_gold["row"].to_numpy()
             evaluation["gold"] = judge_metrics(with_gold["grade"], probabilities[rows])
             evaluation["gold"]["human_accuracy"] = float((truth[rows] == with_gold["grade"].to_numpy()).mean())
+    if "grade_offsets" in metrics:
+        evaluation["grade_offsets"] = metrics["grade_offsets"]
     metrics.update(
         {
             "kind": cfg.kind,
