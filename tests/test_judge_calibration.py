@@ -1,6 +1,7 @@
 """The judge's per-grade logit offsets: the decision score, the fit, and folding them into a classifier."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import softmax
@@ -9,6 +10,7 @@ from sklearn.metrics import f1_score, recall_score
 from mr_ray.config import ConfigError, load_config
 from mr_ray.labeler.calibration import adjusted, decision_score, fit_grade_offsets
 from mr_ray.labeler.cross_encoder import fold_grade_offsets
+from mr_ray.labeler.stages import calibration_split
 
 
 def skewed_judge(n=3000, skew=(-1.0, 0.0, 1.0), seed=0):
@@ -72,3 +74,11 @@ def test_offsets_are_the_cross_encoders_default_and_refused_for_the_causal_lm():
     assert load_config(overrides={"judge.kind": "causal_lm"}).judge.finetune.grade_offsets is False
     with pytest.raises(ConfigError, match="grade_offsets applies to the cross_encoder judge only"):
         load_config(overrides={"judge.kind": "causal_lm", "judge.finetune.grade_offsets": True})
+
+
+def test_calibration_takes_half_the_held_out_queries_and_none_of_a_single_one():
+    held = pd.DataFrame({"query_id": [f"q{i // 3}" for i in range(30)], "product_id": [f"p{i}" for i in range(30)], "grade": [i % 3 for i in range(30)]})
+    report, calibration = calibration_split(held, seed=0)
+    assert set(report["query_id"]).isdisjoint(calibration["query_id"]) and report["query_id"].nunique() == calibration["query_id"].nunique() == 5
+    report, calibration = calibration_split(held[held["query_id"] == "q0"], seed=0)
+    assert calibration is None and len(report) == 3

@@ -58,6 +58,13 @@ def _accuracy(judged: pd.DataFrame, truth: pd.DataFrame, prefix: str) -> dict:
     }
 
 
+def calibration_split(holdout_labels: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Half the held-out queries fit the decision offsets, the other half report the judge; with one query, it reports."""
+    if holdout_labels["query_id"].nunique() < 2:
+        return holdout_labels, None
+    return finetune.split_holdout(holdout_labels, 0.5, seed)
+
+
 def fit_decision(judge, model: Path, calibration: pd.DataFrame, cfg: JudgeFinetuneConfig) -> dict:
     """Fit per-grade logit offsets on `calibration` (human-labelled pairs of held-out queries) and fold them into
     the classifier at `model` (`mr_ray.labeler.calibration`); returns the offsets and the pairs' metrics before and after."""
@@ -95,9 +102,12 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
     storage = _cache(ctx, f"judge-train-{cfg.kind}-{section_hash(cfg.finetune)}-{section_hash({'model': str(base), 'pairs': sorted(examples['query_id'] + '|' + examples['product_id'])})}")
     metrics = judge.finetune(examples, base, cfg.finetune, storage, ctx.out / "model")
 
-    if cfg.finetune.grade_offsets:  # half the held-out queries fit the decision, the other half report it
-        holdout_labels, calibration_labels = finetune.split_holdout(holdout_labels, 0.5, cfg.finetune.seed)
-        metrics["grade_offsets"] = fit_decision(judge, ctx.out / "model", judge.examples(calibration_labels, queries, products, cfg.finetune), cfg.finetune)
+    if cfg.finetune.grade_offsets:
+        holdout_labels, calibration_labels = calibration_split(holdout_labels, cfg.finetune.seed)
+        if calibration_labels is None:
+            metrics["grade_offsets_skipped"] = "one held-out query, kept for the report"
+        else:
+            metrics["grade_offsets"] = fit_decision(judge, ctx.out / "model", judge.examples(calibration_labels, queries, products, cfg.finetune), cfg.finetune)
     holdout = judge.examples(holdout_labels, queries, products, cfg.finetune)
     if cfg.finetune.max_holdout is not None and len(holdout) > cfg.finetune.max_holdout:
         note_limit(Limit.of(ctx.config, "judge.finetune.max_holdout"), cfg.finetune.max_holdout, len(holdout), "held-out pairs")
