@@ -12,6 +12,9 @@ CONFIG="$(realpath "${MR_RAY_CONFIG:-$ROOT/jobs/configs/sample.yaml}")"
 RUN_DIR="$(realpath -m "${MR_RAY_RUN_DIR:-$ROOT/runs/sample}")"
 DASHBOARD_PORT="${MR_RAY_DASHBOARD_PORT:-8265}"
 GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
+# Ray's dashboard agent listens on 52365 by default; with another Ray instance on the host holding it, this
+# head would never accept a job. A free port instead, unless MR_RAY_AGENT_PORT names one.
+AGENT_PORT="${MR_RAY_AGENT_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
 export RAY_USAGE_STATS_ENABLED=0
 # Serve's environment (mr_ray/cluster.py) for the head, so `mr-ray serve` on a kept cluster serves as on its own.
@@ -23,7 +26,7 @@ if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
   # Started from the venv, so the job's python is the venv's. --block keeps
   # the head in this script's hands: stopping it stops only this cluster.
   ray start --head --block --num-cpus "${MR_RAY_NUM_CPUS:-2}" --port "$GCS_PORT" --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
-    --dashboard-port "$DASHBOARD_PORT" --disable-usage-stats >"$RUN_DIR.ray-head.log" 2>&1 &
+    --dashboard-port "$DASHBOARD_PORT" --dashboard-agent-listen-port "$AGENT_PORT" --disable-usage-stats >"$RUN_DIR.ray-head.log" 2>&1 &
   HEAD_PID=$!
   for _ in $(seq 180); do
     curl -sf "http://127.0.0.1:$DASHBOARD_PORT/api/version" >/dev/null 2>&1 && break
@@ -42,14 +45,17 @@ trap stop_cluster EXIT
 ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
 JOB_ID="mr-ray-$(date +%Y%m%d-%H%M%S)-$$"
 # A fresh head serves HTTP a little before its job agent is up: retry the submit alone.
+SUBMITTED=""
 for attempt in $(seq 60); do
   if ray job submit --address "$ADDRESS" --submission-id "$JOB_ID" --no-wait -- \
       python "$ROOT/jobs/run_pipeline.py" --config "$CONFIG" --run-dir "$RUN_DIR" >"$RUN_DIR.submit.log" 2>&1; then
+    SUBMITTED=1
     break
   fi
   grep -q "No available agent" "$RUN_DIR.submit.log" || { cat "$RUN_DIR.submit.log"; exit 1; }
   sleep 2
 done
+[[ -n "$SUBMITTED" ]] || { echo "[mr-ray] the Ray head at $ADDRESS never accepted the job (no job agent after 60 tries; its logs/dashboard_agent.log says why)" >&2; exit 1; }
 echo "[mr-ray] submitted job $JOB_ID to $ADDRESS"
 ray job logs --address "$ADDRESS" --follow "$JOB_ID" || true
 # `ray job status` prints "Job '<id>' succeeded|failed|was stopped" once the job

@@ -42,7 +42,9 @@ def run_main(config, run_dir):
     return result.stdout + result.stderr
 
 
-def test_job_submit_runs_pipeline_then_skips_everything(tmp_path):
+def test_job_submit_runs_pipeline_then_skips_everything(ray_local, tmp_path):
+    # ray_local: another Ray instance on the host holds the dashboard agent's default port (52365);
+    # the main command's head must still accept jobs (it takes a free agent port).
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY)
     run_dir = tmp_path / "run"
