@@ -42,3 +42,7 @@ def test_judge_section_reports_label_error_of_each_label_set_against_gold():
     assert "| judge | 4 | 0.5000 |" in markdown and "accuracy 0.6667" in markdown
     assert "against gold: accuracy 1.0000, within-one 1.0000 (the human labels of the same pairs: 0.6667)" in markdown
     assert "| partial | 0 | 1 | 0 |" in markdown  # the confusion matrix row of true grade 1
+    fit = {"offsets": [0.0, 0.0, 0.6], "calibration_pairs": 621, "before_macro_f1": 0.7336, "after_macro_f1": 0.7453,
+           "before_accuracy": 0.7279, "after_accuracy": 0.7375}
+    markdown, numbers = judge_section(held, human, judge, audited, gold, fit)
+    assert "per-grade logit offsets [0.0, 0.0, 0.6] (grades 0 / 1 / 2), fit on 621" in markdown and numbers["grade_offsets"] == fit

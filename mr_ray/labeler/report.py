@@ -86,12 +86,16 @@ def label_error(judgments: pd.DataFrame | None, gold: pd.DataFrame) -> tuple[flo
     return float((merged["grade"].astype(int) != merged["gold"].astype(int)).mean()), int(len(merged))
 
 
-def judge_section(judge_eval: dict | None, human: pd.DataFrame | None, judge: pd.DataFrame | None, audited: pd.DataFrame | None, gold: pd.DataFrame | None) -> tuple[str, dict]:
+def judge_section(
+    judge_eval: dict | None, human: pd.DataFrame | None, judge: pd.DataFrame | None, audited: pd.DataFrame | None, gold: pd.DataFrame | None,
+    offsets: dict | None = None,
+) -> tuple[str, dict]:
     """Markdown judge section of the main report and its numbers.
 
     `judge_eval` is the judge_finetune stage's held-out evaluation (metrics of `judge_metrics`);
     human / judge / audited are judgment tables whose label error against `gold` is reported
-    (audited = the judge's labels with the audit's re-judged grades in place)."""
+    (audited = the judge's labels with the audit's re-judged grades in place); `offsets` is judge_finetune's
+    `grade_offsets` fit, when it made one."""
     numbers: dict = {}
     lines = ["## Judge", ""]
     if judge_eval:
@@ -109,8 +113,8 @@ def judge_section(judge_eval: dict | None, human: pd.DataFrame | None, judge: pd
             confusion_markdown(judge_eval["confusion"]),
             "",
         ]
-        if judge_eval.get("grade_offsets"):
-            fit = judge_eval["grade_offsets"]
+        if offsets:
+            numbers["grade_offsets"] = fit = offsets
             lines += [
                 f"The judge decides with per-grade logit offsets {fit['offsets']} (grades 0 / 1 / 2), fit on {fit['calibration_pairs']} human-labelled "
                 f"pairs of other held-out queries: their macro-F1 {fit['before_macro_f1']:.4f} -> {fit['after_macro_f1']:.4f}, accuracy "
@@ -147,7 +151,7 @@ def judge_report(ctx) -> tuple[str, dict]:
     finetuned, labelled, audited_dir = stage("judge_finetune"), stage("label"), stage("audit")
     if finetuned is None and labelled is None:
         return "", {}
-    evaluation = ((read_manifest(finetuned) or {}).get("metrics") or {}).get("holdout_eval") if finetuned else None
+    finetune_metrics = ((read_manifest(finetuned) or {}).get("metrics") or {}) if finetuned else {}
     prepared = ctx.input("prepare")
     gold, human = table(prepared / "gold"), table(prepared / "judgments")
     human = human[human["source"] == "human"] if human is not None else None
@@ -159,7 +163,7 @@ def judge_report(ctx) -> tuple[str, dict]:
         if rejudged is not None and len(rejudged):
             audited.loc[rejudged.set_index(["query_id", "product_id"]).index, "grade"] = rejudged.set_index(["query_id", "product_id"])["grade"]
         audited = audited.reset_index()
-    markdown, numbers = judge_section(evaluation, human, judged, audited, gold)
+    markdown, numbers = judge_section(finetune_metrics.get("holdout_eval"), human, judged, audited, gold, finetune_metrics.get("grade_offsets"))
     return "\n" + markdown, numbers
 
 

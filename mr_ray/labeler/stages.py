@@ -125,8 +125,6 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
             rows = with_gold["row"].to_numpy()
             evaluation["gold"] = judge_metrics(with_gold["grade"], probabilities[rows])
             evaluation["gold"]["human_accuracy"] = float((truth[rows] == with_gold["grade"].to_numpy()).mean())
-    if "grade_offsets" in metrics:
-        evaluation["grade_offsets"] = metrics["grade_offsets"]
     metrics.update(
         {
             "kind": cfg.kind,
