@@ -24,9 +24,8 @@ Rows:
   BM25 whose weight is tuned on the dev queries (mr_ray.evaluate.hybrid_rows).
 
 Results are cached per system in <out>/results.json, so a rerun only does what
-is missing. Run:  OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/homedepot_retrieval.py --out runs/hd-bench
-(OMP_NUM_THREADS=2: Ray gives a 1-CPU embedding actor one torch thread unless the
-variable is already set; on a 2-core machine two threads embed the catalog ~1.7x faster.)
+is missing, and catalog vectors and the st-mnrl model come from mr_ray's cache. Run:
+nice -n 10 .venv/bin/python bench/homedepot_retrieval.py --out runs/hd-bench
 """
 
 from __future__ import annotations
@@ -107,58 +106,25 @@ def typo_queries(queries: pd.DataFrame, seed: int) -> pd.DataFrame:
     return queries.assign(text=[misspell(text, rng) for text in queries["text"]])
 
 
-def evaluate_model(path: str | None, products, query_sets: dict, truth, pairs, config, encoder) -> dict:
-    """Metrics of one encoder on each query set; the catalog is embedded once."""
-    from mr_ray.evaluate import evaluate_retrieval, separation_metrics
-    from mr_ray.retrieval import dense_search, embed_catalog, pair_scores
-    from mr_ray.retriever.encoder import encode, load_encoder
+def score_sets(name: str, path: str | None, split, query_sets: dict, prepared: Path, config, hybrid: bool) -> dict:
+    """An encoder's rows on each query set through the one scoring path (mr_ray.evaluate.score_encoder), its
+    catalog vectors from the embedding cache: its own row, or with `hybrid` its two rows with BM25 (RRF k=60,
+    and the weighted fusion tuned on dev). Returns {system: {query set: metrics}}."""
+    from mr_ray.embeddings import catalog_vectors
+    from mr_ray.evaluate import score_encoder
+    from mr_ray.retriever.encoder import load_encoder, resolve_precision
 
-    product_ids, product_vectors = embed_catalog(products, encoder, path)
-    model = load_encoder(path, encoder.device, encoder.max_seq_length)
-    by_id = dict(zip(product_ids, product_vectors))
-    out = {}
-    for set_name, queries in query_sets.items():
-        query_vectors = encode(model, queries["text"].tolist(), encoder.batch_size)
-        run = dense_search(product_ids, product_vectors, queries["query_id"], query_vectors, config.recall_k)
-        set_pairs = pairs.merge(queries[["query_id", "text"]], on="query_id")
-        cosines = pair_scores(model, set_pairs, encoder.batch_size, by_id)
-        out[set_name] = {**evaluate_retrieval(run, truth, config), **separation_metrics(set_pairs["grade"].to_numpy(), cosines)}
-    return out
-
-
-def evaluate_hybrid(name: str, path: str | None, products, query_sets: dict, truth, pairs, prepared: Path, config, encoder, lexical) -> dict:
-    """An encoder's two hybrid rows with BM25 (mr_ray.evaluate.hybrid_rows: RRF k=60, and the weighted fusion tuned on dev)
-    on each query set: {system: {query set: metrics}}."""
-    from mr_ray.evaluate import hybrid_rows, tuning_queries
-    from mr_ray.index.fusion import normalise_lexical
-    from mr_ray.index.shards import ShardIndex
-    from mr_ray.retrieval import build_faiss_index, embed_catalog, pair_scores
-    from mr_ray.retriever.encoder import load_encoder
-
-    product_ids, product_vectors = embed_catalog(products, encoder, path)
-    by_id = dict(zip(product_ids, product_vectors))
-    shard = ShardIndex("catalog", build_faiss_index(np.stack([by_id[p] for p in products["product_id"]]), "Flat"),
-                       products["product_id"].tolist(), products["title"].tolist(), lexical)
-    model = load_encoder(path, encoder.device, encoder.max_seq_length)
-    tuning = tuning_queries(prepared, config)
-    row_of = pd.Series(np.arange(len(products)), index=products["product_id"])
+    catalog = catalog_vectors(prepared / "products", split.products, config.encoder, path, name)
+    model = load_encoder(path, config.encoder.device, config.encoder.max_seq_length)
+    precision = resolve_precision(config.encoder.precision, config.encoder.device)
+    scoring = config.evaluate.model_copy(update={"hybrid": hybrid})
     out: dict[str, dict] = {}
     for set_name, queries in query_sets.items():
-        set_pairs = pairs.merge(queries[["query_id", "text"]], on="query_id")
-        cosines = pair_scores(model, set_pairs, encoder.batch_size, by_id)
-        pair_lexical = normalise_lexical(*lexical.pair_scores(set_pairs["text"].tolist(), row_of[set_pairs["product_id"]].to_numpy()))
-        systems, _ = hybrid_rows(name, shard, model, queries, truth, tuning, set_pairs, cosines, pair_lexical, config, encoder, config.recall_k)
+        systems, _, _ = score_encoder(name, split.with_queries(queries), model, catalog.vectors, scoring, config.encoder.batch_size, precision)
         for system, metrics in systems.items():
-            out.setdefault(system, {})[set_name] = metrics
+            if hybrid == (system != name):
+                out.setdefault(system, {})[set_name] = metrics
     return out
-
-
-def evaluate_bm25(products, query_sets: dict, truth, config, lexical) -> dict:
-    from mr_ray.evaluate import evaluate_retrieval
-    from mr_ray.retrieval import lexical_search
-
-    product_ids = products["product_id"].to_numpy()
-    return {name: evaluate_retrieval(lexical_search(lexical, product_ids, queries, config.recall_k), truth, config) for name, queries in query_sets.items()}
 
 
 def table(results: dict, query_set: str) -> str:
@@ -176,7 +142,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "hd-bench")
     parser.add_argument("--train-queries", type=train_query_count, default=None,
                         help="a seeded subset of the 7,978 train queries (default: all)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="Stage 1 and Stage 2 (the st-mnrl peer keeps its fp32 recipe)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="Stage 1 and Stage 2 (the st-mnrl peer keeps its fp32 recipe)")
     parser.add_argument("--systems", default="bm25,pretrained,stage1,stage2,st-mnrl,stage2-supcon,no-mining,no-augmentation,pretrained+bm25,st-mnrl+bm25,stage2+bm25",
                         help="comma-separated; NAME+bm25 adds an encoder's hybrid rows (RRF, and weighted fusion tuned on dev)")
     args = parser.parse_args()
@@ -185,9 +151,9 @@ def main() -> None:
 
     import ray
 
-    from mr_ray.evaluate import eval_queries, judged_pairs, truth_table
+    from mr_ray.evaluate import load_split, score_bm25
     from mr_ray.pipeline import Limit
-    from mr_ray.retriever.examples import build_examples, read_frame, training_set
+    from mr_ray.retriever.st_baseline import st_baseline
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = args.out.resolve()
@@ -206,25 +172,15 @@ def main() -> None:
 
     main_run = run_variant("main", out, data, args.train_queries, args.precision)
     prepared = main_run / "prepare"
-    products = read_frame(prepared, "products")
-    test = eval_queries(prepared, config.evaluate)
-    query_sets = {"test": test, "test-typo": typo_queries(test, seed=1)}
-    truth = truth_table(prepared)
-    truth = truth[truth["query_id"].isin(set(test["query_id"]))]
-    pairs = judged_pairs(prepared, set(test["query_id"])).merge(products[["product_id", "title"]], on="product_id")
-
-    @functools.cache
-    def lexical_index():
-        """BM25 over every product title (row i = products row i), built once for the bm25 row and every hybrid row."""
-        from mr_ray.retrieval import LexicalIndex
-
-        return LexicalIndex.build(products["title"].tolist(), config.lexical)
+    split = load_split(prepared, config.evaluate.model_copy(update={"hybrid": True}), config.lexical)  # BM25 built once, for every row
+    query_sets = {"test": split.queries, "test-typo": typo_queries(split.queries, seed=1)}
+    st_mnrl = functools.cache(lambda: st_baseline(prepared, None, config.encoder.max_seq_length, config.stage1.seed, Limit.of(config, "stage1.max_train_queries")))
 
     def model_path(name: str) -> str | None:
         if name == "pretrained":
             return None
         if name == "st-mnrl":
-            return str(out / "st-mnrl" / "model")
+            return str(st_mnrl()[0])
         variant, stage = {"stage1": ("main", "stage1"), "stage2": ("main", "stage2")}.get(name, (name, "stage2"))
         return str(run_variant(variant, out, data, args.train_queries, args.precision) / stage / "model")
 
@@ -232,29 +188,12 @@ def main() -> None:
         if name in results or f"{name} rrf" in results:
             continue
         started = time.perf_counter()
-        if name.endswith("+bm25"):  # the encoder's hybrid rows; the encoder itself must have been trained (listed before)
-            encoder_name = name.removesuffix("+bm25")
-            for system, metrics in evaluate_hybrid(encoder_name, model_path(encoder_name), products, query_sets, truth, pairs, prepared, config.evaluate, config.encoder, lexical_index()).items():
-                record(system, started, metrics)
-        elif name == "bm25":
-            record(name, started, evaluate_bm25(products, query_sets, truth, config.evaluate, lexical_index()))
-        elif name == "pretrained":
-            record(name, started, evaluate_model(None, products, query_sets, truth, pairs, config.evaluate, config.encoder))
-        elif name == "st-mnrl":
-            from mr_ray.retriever.st_baseline import exact_pairs, train_mnrl
-
-            stats = out / "st-mnrl" / "training.json"  # a trained peer is reused when only its evaluation is missing
-            if not stats.exists():
-                _, queries, judgments = training_set(prepared, config.stage1, Limit.of(config, "stage1.max_train_queries"))
-                train_pairs = exact_pairs(build_examples(queries, judgments, products))
-                trained = train_mnrl(None, train_pairs, out / "st-mnrl", batch_size=64, learning_rate=2e-5, epochs=1,
-                                     max_seq_length=config.stage1.max_seq_length)
-                stats.write_text(json.dumps(trained))
-            trained = json.loads(stats.read_text())
-            metrics = evaluate_model(str(out / "st-mnrl" / "model"), products, query_sets, truth, pairs, config.evaluate, config.encoder)
-            record(name, started, {**metrics, "training": trained})
-        else:
-            record(name, started, evaluate_model(model_path(name), products, query_sets, truth, pairs, config.evaluate, config.encoder))
+        if name == "bm25":
+            record(name, started, {set_name: score_bm25(split.with_queries(queries), config.evaluate)[0] for set_name, queries in query_sets.items()})
+            continue
+        encoder_name = name.removesuffix("+bm25")  # NAME+bm25: the encoder's hybrid rows
+        for system, metrics in score_sets(encoder_name, model_path(encoder_name), split, query_sets, prepared, config, name.endswith("+bm25")).items():
+            record(system, started, {**metrics, **({"training": st_mnrl()[1]} if system == "st-mnrl" else {})})
 
     report = [
         "# Home Depot retrieval (test split, full catalog)",

@@ -55,20 +55,23 @@ def label(model: Path, pairs: pd.DataFrame, queries, products, engine, shard_dir
 def rerank_line(args, judge: Path, products: pd.DataFrame, queries: pd.DataFrame, judgments: pd.DataFrame, engine) -> dict:
     """NDCG@10 of an encoder's top `--rerank-depth` on the split, in its order and in the judge's expected-grade order."""
     from mr_ray.config import EncoderConfig, EvaluateConfig
-    from mr_ray.evaluate import evaluate_retrieval
-    from mr_ray.retrieval import dense_search, embed_catalog
-    from mr_ray.retriever.encoder import encode, load_encoder
+    from mr_ray.embeddings import catalog_vectors
+    from mr_ray.evaluate import ScoredSplit, score_encoder
+    from mr_ray.metrics import evaluate_retrieval
+    from mr_ray.retriever.encoder import load_encoder
 
     encoder = None if args.rerank_encoder == "pretrained" else args.rerank_encoder
-    split_queries = queries[queries["split"] == args.split]
-    product_ids, product_vectors = embed_catalog(products, EncoderConfig(), encoder)
-    query_vectors = encode(load_encoder(encoder), split_queries["text"].tolist())
-    run = dense_search(product_ids, product_vectors, split_queries["query_id"], query_vectors, args.rerank_depth)
+    split_queries = queries[queries["split"] == args.split].reset_index(drop=True)
+    truth = judgments[judgments["split"] == args.split]
+    judged = truth.merge(split_queries[["query_id", "text"]], on="query_id").merge(products[["product_id", "title"]], on="product_id")
+    catalog = catalog_vectors(args.data / "products.parquet", products, EncoderConfig(), encoder, args.rerank_encoder)
+    config = EvaluateConfig(split=args.split, recall_k=args.rerank_depth, hybrid=False)  # the encoder's top `depth`, by the one scoring path
+    _, runs, _ = score_encoder("encoder", ScoredSplit(products, split_queries, truth, judged), load_encoder(encoder), catalog.vectors, config)
+    run = runs["encoder"]
     pairs = pd.DataFrame([(q, p) for q, top in run.items() for p in top], columns=["query_id", "product_id"])
     probabilities, _ = label(judge, pairs, queries, products, engine, args.work_dir / f"shards-rerank-{args.split}-{args.rerank_depth}")
     pairs["expected_grade"] = probabilities @ np.arange(3)
     reranked = {q: dict(zip(group["product_id"], group["expected_grade"])) for q, group in pairs.groupby("query_id")}
-    truth = judgments[judgments["split"] == args.split]
     config = EvaluateConfig()
     return {
         "encoder": args.rerank_encoder, "depth": args.rerank_depth, "queries": len(split_queries),

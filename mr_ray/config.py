@@ -65,10 +65,22 @@ class DataConfig(Strict):
 
 class EncoderConfig(Strict):
     model: str | None = Field(None, description="sentence-transformers folder; None = the packaged all-MiniLM-L6-v2")
-    max_seq_length: int = Field(64, ge=8, le=512)
+    max_seq_length: int = Field(
+        48, ge=8, le=512,
+        description="tokens per text, the one length for a model everywhere: Stage 1, Stage 2, the sweep and st-mnrl train with it, "
+        "and mine, evaluate, index and serving embed with it (a model is scored as it was trained)",
+    )
     batch_size: int = Field(128, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="embedding (catalog, queries, serving): bf16 autocast of the encoder's forward, vectors kept fp32; auto = bf16 where "
+        "the device has it natively (CPU flag avx512_bf16 or amx_bf16, or a bf16 GPU), else fp32",
+    )
     num_gpus_per_worker: float = Field(0.0, ge=0.0, description="Ray Data embedding actors: GPUs each (cluster)")
+    cpus_per_worker: float = Field(
+        2.0, gt=0.0, description="Ray Data embedding actors: CPUs each, and the actor's torch threads (on a 2-core node, one actor of 2)"
+    )
     concurrency: int = Field(1, ge=1, description="Ray Data embedding actors")
 
 
@@ -174,17 +186,24 @@ class TrainLoopConfig(Strict):
     learning_rate: float = Field(5e-5, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    max_seq_length: int = Field(48, ge=8, le=512)
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32",
         description="bf16: the encoder's forward under bfloat16 autocast (weights, optimiser and loss stay fp32); "
-        "for Ampere or newer GPUs and for CPUs with AVX512-BF16 or AMX (a step took 0.57x the fp32 time on the dev box's)",
+        "for Ampere or newer GPUs and for CPUs with AVX512-BF16 or AMX (a step took 0.57x the fp32 time on the dev box's; "
+        "on an AVX2-only CPU bf16 is emulated, 4-8x slower); auto = bf16 where the device computes it natively, else fp32",
     )
     max_train_queries: int | None = Field(None, ge=1, description="train on a seeded subset of the train split")
     num_workers: int = Field(1, ge=1, description="Ray Train data-parallel workers")
     use_gpu: bool = False
     cpus_per_worker: float = Field(2.0, gt=0.0, description="Ray Train sets torch threads to this: on a 2-core node, 2 trains ~2x faster than 1")
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def one_sequence_length(cls, data):
+        if isinstance(data, dict) and "max_seq_length" in data:
+            raise ValueError("max_seq_length is set once for the encoder, as encoder.max_seq_length (training, index and serving use the same)")
+        return data
 
 
 class Stage1Config(TrainLoopConfig):
@@ -267,6 +286,11 @@ class Stage2Config(TrainLoopConfig):
     learning_rate: float = Field(2e-5, gt=0.0)
 
 
+# What the sweep reads of Stage 2's config: what its trials train with. Not how long or how widely Stage 2 trains
+# (its epochs, train-query limit and workers; the sweep has its own), so changing those retrains Stage 2 only.
+SWEPT_STAGE2_FIELDS = tuple(name for name in Stage2Config.model_fields if name not in ("epochs", "max_train_queries", "num_workers", "cpus_per_worker"))
+
+
 class SweepConfig(Strict):
     """Ray Tune sweep of Stage 2 on dev, run after `mine`: circle margins and scale, SupCon temperature.
 
@@ -325,8 +349,9 @@ class JudgeFinetuneConfig(Strict):
         "classifier's bias (mr_ray.labeler.calibration); the other half reports"
     )
     min_grade_recall: float = Field(0.5, ge=0.0, le=1.0, description="grade_offsets: every grade's recall the offsets must keep, if any can")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="cross-encoder: bf16 autocast for the encoder's forward (weights, optimiser, loss fp32); CPUs with AVX512-BF16 or AMX, Ampere+ GPUs"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="cross-encoder: bf16 autocast for the encoder's forward (weights, optimiser, loss fp32); CPUs with AVX512-BF16 or AMX, "
+        "Ampere+ GPUs; auto = bf16 where the device computes it natively, else fp32"
     )
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -414,8 +439,8 @@ class JudgeConfig(Strict):
 
     @model_validator(mode="after")
     def cross_encoder_only_options(self) -> "JudgeConfig":
-        if self.finetune.precision == "bf16" and self.kind != "cross_encoder":
-            raise ValueError("judge.finetune.precision bf16 applies to the cross_encoder judge only")
+        if self.finetune.precision != "fp32" and self.kind != "cross_encoder":
+            raise ValueError(f"judge.finetune.precision {self.finetune.precision} applies to the cross_encoder judge only")
         if self.finetune.grade_offsets and self.kind != "cross_encoder":
             raise ValueError("judge.finetune.grade_offsets applies to the cross_encoder judge only")
         return self

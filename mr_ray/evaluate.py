@@ -1,80 +1,33 @@
-"""Evaluation: full-catalog retrieval with graded gains, and score separation per grade.
+"""Evaluation: every system scored on a prepared split, one way, and the evaluate stage's report.
 
-Retrieval metrics come from `ranx`:
-- NDCG@10 with graded gains (gain = grade: exact 2, partial 1), so ranking an
-  exact item above a partial one counts;
-- Recall@100 and Precision@10 of *exact* items (grade 2).
-Unjudged products count as grade 0. Score separation, for any encoder, uses
-the judged pairs: mean cosine per grade and the AUCs of grade 2 over grade 1
-and grade 1 over grade 0 (sklearn's ROC AUC), the quantities a search team
-thresholds on.
+`load_split` reads a split (queries, truth, judged pairs, the catalog and its BM25); `score_encoder`
+scores one encoder on it (full-catalog retrieval, grade separation, hybrid rows with BM25), with the
+metrics of mr_ray.metrics. The evaluate stage, `mr-ray evaluate`, the sweep's trials and the benches
+all score through these two, so a number means the same wherever it is printed.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ranx import Qrels, Run, evaluate
-from sklearn.metrics import roc_auc_score
 
 from mr_ray.config import EncoderConfig, EvaluateConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
+from mr_ray.embeddings import catalog_vectors
+from mr_ray.index.fusion import normalise_lexical, weighted_fusion
+from mr_ray.index.shards import ShardIndex, search_shards_both
+from mr_ray.index.thresholds import choose_fusion_weight
 from mr_ray.labeler.report import judge_report
+from mr_ray.metrics import PER_QUERY_NDCG, evaluate_retrieval, separation_metrics
+from mr_ray.pipeline import Limit, note_limit, read_manifest
 from mr_ray.report_page import render_report_html
-from mr_ray.retrieval import LexicalIndex, RunDict, build_faiss_index, dense_search, embed_catalog, lexical_search, pair_scores
-from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
-
-PER_QUERY_NDCG = "ndcg_per_query"  # evaluate_retrieval's {query_id: NDCG} (ranx), for the per-query tables
-
-
-def qrels_dict(judgments: pd.DataFrame, min_grade: int = 1) -> dict[str, dict[str, int]]:
-    """{query_id: {product_id: grade}} of the pairs graded at least `min_grade`."""
-    kept = judgments[judgments["grade"] >= min_grade]
-    out: dict[str, dict[str, int]] = {}
-    for qid, pid, grade in zip(kept["query_id"], kept["product_id"], kept["grade"]):
-        out.setdefault(str(qid), {})[str(pid)] = int(grade)
-    return out
-
-
-def evaluate_retrieval(run: RunDict, judgments: pd.DataFrame, config: EvaluateConfig) -> dict:
-    """Graded NDCG, exact-item recall and precision of a run (ranx)."""
-    graded = qrels_dict(judgments, min_grade=1)
-    exact = qrels_dict(judgments, min_grade=2)
-    results = {}
-    for name, qrels, metrics in (
-        ("graded", graded, [f"ndcg@{config.ndcg_k}"]),
-        ("exact", exact, [f"recall@{config.recall_k}", f"precision@{config.precision_k}"]),
-    ):
-        query_ids = [q for q in qrels if q in run]
-        if not query_ids:
-            raise ValueError(f"no query of the run has {name} judgments to evaluate against")
-        ranx_run = Run({q: run[q] if run[q] else {"__none__": 0.0} for q in query_ids})
-        scores = evaluate(Qrels({q: qrels[q] for q in query_ids}), ranx_run, metrics, make_comparable=True)
-        scores = scores if isinstance(scores, dict) else {metrics[0]: scores}
-        if name == "graded":
-            per_query = {str(q): float(v) for q, v in ranx_run.scores[metrics[0]].items()}
-        results.update({metric: float(value) for metric, value in scores.items()})
-        results[f"n_queries_{name}"] = len(query_ids)
-    return {
-        "ndcg@10" if config.ndcg_k == 10 else f"ndcg@{config.ndcg_k}": results[f"ndcg@{config.ndcg_k}"],
-        f"recall@{config.recall_k}_exact": results[f"recall@{config.recall_k}"],
-        f"precision@{config.precision_k}_exact": results[f"precision@{config.precision_k}"],
-        "n_queries": results["n_queries_graded"],
-        PER_QUERY_NDCG: per_query,
-    }
-
-
-def separation_metrics(grades: np.ndarray, cosines: np.ndarray) -> dict:
-    """Mean cosine per grade and AUC(2 over 1), AUC(1 over 0)."""
-    out = {f"mean_cos_grade{g}": float(cosines[grades == g].mean()) if (grades == g).any() else None for g in (0, 1, 2)}
-    for hi, lo in ((2, 1), (1, 0)):
-        mask = (grades == hi) | (grades == lo)
-        labels = grades[mask] == hi
-        out[f"auc_{hi}_over_{lo}"] = float(roc_auc_score(labels, cosines[mask])) if 0 < labels.sum() < len(labels) else None
-    return out
+from mr_ray.retrieval import LexicalIndex, RunDict, build_faiss_index, lexical_search, pair_scores, run_from_rows
+from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path, resolve_precision
+from mr_ray.retriever.st_baseline import st_baseline
 
 
 def judged_pairs(prepared: Path, query_ids: set[str]) -> pd.DataFrame:
@@ -102,15 +55,14 @@ def truth_table(prepared: Path) -> pd.DataFrame:
     return judgments[judgments["source"] == "human"]
 
 
-def eval_queries(prepared: Path, config: EvaluateConfig) -> pd.DataFrame:
-    from mr_ray.pipeline import Limit, note_limit
-
+def eval_queries(prepared: Path, config: EvaluateConfig, limit_setting: str = "evaluate.max_queries") -> pd.DataFrame:
+    """The split's queries, or a seeded subset of `config.max_queries` (said in the stage's log as `limit_setting`)."""
     queries = read_table(prepared, "queries").to_pandas()
     chosen = queries[queries["split"] == config.split]
     if chosen.empty:
         raise ValueError(f"no queries in split {config.split!r} to evaluate")
     if config.max_queries and len(chosen) > config.max_queries:
-        note_limit(Limit("evaluate.max_queries", config.max_queries), config.max_queries, len(chosen), f"{config.split} queries")
+        note_limit(Limit(limit_setting, config.max_queries), config.max_queries, len(chosen), f"{config.split} queries")
         chosen = chosen.sample(config.max_queries, random_state=config.seed)
     return chosen.reset_index(drop=True)
 
@@ -127,27 +79,104 @@ def tuning_queries(prepared: Path, config: EvaluateConfig) -> tuple[pd.DataFrame
     return (queries, truth) if not truth.empty else None
 
 
-def hybrid_rows(name: str, shard, model, queries: pd.DataFrame, truth: pd.DataFrame, tuning, pairs: pd.DataFrame, cosines: np.ndarray, pair_lexical: np.ndarray, config: EvaluateConfig, encoder: EncoderConfig, k: int) -> tuple[dict, dict]:
+def hybrid_rows(name: str, split: "ScoredSplit", shard, query_vectors: np.ndarray, dev_query_vectors: np.ndarray | None, cosines: np.ndarray, config: EvaluateConfig, k: int) -> tuple[dict, dict]:
     """An encoder's two hybrid rows with BM25: reciprocal-rank fusion (k=60) of the two top-k lists, and
     the weighted fusion of cosine and normalised BM25 with its weight tuned on dev (its grade separation too)."""
-    from mr_ray.index.fusion import weighted_fusion
-    from mr_ray.index.shards import search_shards_both
-    from mr_ray.index.thresholds import choose_fusion_weight
-
-    texts = queries["text"].tolist()
-    candidates = search_shards_both([shard], encode(model, texts, encoder.batch_size), texts, k)
+    queries = split.queries
+    candidates = search_shards_both([shard], query_vectors, queries["text"].tolist(), k)
     runs = {f"{name}+bm25 rrf": {str(q): dict(c.rrf(k)) for q, c in zip(queries["query_id"], candidates)}}
-    systems = {f"{name}+bm25 rrf": evaluate_retrieval(runs[f"{name}+bm25 rrf"], truth, config)}
-    if tuning is not None:
-        dev_queries, dev_truth = tuning
-        dev_texts = dev_queries["text"].tolist()
-        dev_candidates = search_shards_both([shard], encode(model, dev_texts, encoder.batch_size), dev_texts, k)
+    systems = {f"{name}+bm25 rrf": evaluate_retrieval(runs[f"{name}+bm25 rrf"], split.truth, config)}
+    if split.tuning is not None:
+        dev_queries, dev_truth = split.tuning
+        dev_candidates = search_shards_both([shard], dev_query_vectors, dev_queries["text"].tolist(), k)
         weight, _ = choose_fusion_weight(dict(zip(dev_queries["query_id"].astype(str), dev_candidates)), dev_truth)
         hybrid = f"{name}+bm25 weighted"
         runs[hybrid] = {str(q): {r["product_id"]: r["score"] for r in c.ranked("hybrid", weight, k)} for q, c in zip(queries["query_id"], candidates)}
-        fused = weighted_fusion(cosines, pair_lexical, weight)
-        systems[hybrid] = {**evaluate_retrieval(runs[hybrid], truth, config), **separation_metrics(pairs["grade"].to_numpy(), fused), "fusion_weight": weight}
+        fused = weighted_fusion(cosines, split.pair_lexical, weight)
+        systems[hybrid] = {**evaluate_retrieval(runs[hybrid], split.truth, config), **separation_metrics(split.pairs["grade"].to_numpy(), fused), "fusion_weight": weight}
     return systems, runs
+
+
+@dataclass
+class ScoredSplit:
+    """What every system is scored against: a prepared split's queries, their truth and judged pairs (with
+    texts and titles), the catalog, and, for hybrid rows, the BM25 index of the catalog's titles (row i =
+    products row i), each judged pair's normalised BM25, and the dev queries the fusion weight is tuned on."""
+
+    products: pd.DataFrame
+    queries: pd.DataFrame
+    truth: pd.DataFrame
+    pairs: pd.DataFrame
+    lexical: LexicalIndex | None = None
+    pair_lexical: np.ndarray | None = None
+    tuning: tuple[pd.DataFrame, pd.DataFrame] | None = None
+
+    def with_queries(self, queries: pd.DataFrame) -> "ScoredSplit":
+        """The same split asked with other texts of the same query ids (say, typo'd copies)."""
+        pairs = self.pairs.drop(columns="text").merge(queries[["query_id", "text"]], on="query_id")
+        return replace(self, queries=queries, pairs=pairs, pair_lexical=None if self.pair_lexical is None else split_pair_lexical(self.lexical, self.products, pairs))
+
+
+def load_split(
+    prepared: Path, config: EvaluateConfig, lexical_config: LexicalConfig | None = None, products: pd.DataFrame | None = None,
+    limit_setting: str = "evaluate.max_queries",
+) -> ScoredSplit:
+    """The split `config.split` of a prepared dataset to score systems on; with `lexical_config`, BM25 too
+    (for the bm25 row and, with `config.hybrid`, every encoder's hybrid rows). `products`: the catalog if
+    already read; `limit_setting`: the setting `config.max_queries` came from, for the log."""
+    products = read_table(prepared, "products").to_pandas() if products is None else products
+    queries = eval_queries(prepared, config, limit_setting)
+    truth = truth_table(prepared)
+    truth = truth[truth["query_id"].isin(set(queries["query_id"]))]
+    pairs = judged_pairs(prepared, set(queries["query_id"]))
+    pairs = pairs.merge(queries[["query_id", "text"]], on="query_id").merge(products[["product_id", "title"]], on="product_id")
+    split = ScoredSplit(products, queries, truth, pairs)
+    if lexical_config is not None:
+        split.lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)
+        if config.hybrid:
+            split.pair_lexical = split_pair_lexical(split.lexical, products, pairs)
+            split.tuning = tuning_queries(prepared, config)
+    return split
+
+
+def split_pair_lexical(lexical: LexicalIndex, products: pd.DataFrame, pairs: pd.DataFrame) -> np.ndarray:
+    """Each judged pair's BM25 over its query's best BM25 in the catalog (the hybrid's lexical half)."""
+    row_of = pd.Series(np.arange(len(products)), index=products["product_id"])
+    return normalise_lexical(*lexical.pair_scores(pairs["text"].tolist(), row_of[pairs["product_id"]].to_numpy()))
+
+
+def score_bm25(split: ScoredSplit, config: EvaluateConfig) -> tuple[dict, RunDict]:
+    """BM25's row and run on the split (its index: `load_split` with a lexical config)."""
+    run = lexical_search(split.lexical, split.products["product_id"].to_numpy(), split.queries, scored_depth(config))
+    return evaluate_retrieval(run, split.truth, config), run
+
+
+def scored_depth(config: EvaluateConfig) -> int:
+    return max(config.ndcg_k, config.recall_k, config.precision_k)
+
+
+def score_encoder(name: str, split: ScoredSplit, model, catalog: np.ndarray, config: EvaluateConfig, batch_size: int = 128, precision: str = "fp32") -> tuple[dict[str, dict], dict[str, RunDict], np.ndarray]:
+    """Score one encoder on a split: full-catalog retrieval (exact inner product over `catalog`, its vectors of
+    the split's products in their row order), the grade separation of the judged pairs and, when the split has
+    BM25 and `config.hybrid`, its hybrid rows. Queries are encoded by `model` as the catalog was (`precision`).
+    Returns ({row name: metrics}, {row name: run}, the judged pairs' cosines). The one scoring path: the
+    evaluate stage, `mr-ray evaluate`, the sweep's trials and the benches all call it."""
+    k = scored_depth(config)
+    queries = split.queries
+    product_ids = split.products["product_id"].astype(str).to_numpy()
+    query_vectors = encode(model, queries["text"].tolist(), batch_size, precision)
+    index = build_faiss_index(np.ascontiguousarray(catalog, dtype=np.float32), "Flat")
+    scores, rows = index.search(query_vectors, min(k, len(product_ids)))
+    runs = {name: run_from_rows(product_ids, queries["query_id"], rows, scores)}
+    cosines = pair_scores(model, split.pairs, batch_size, dict(zip(product_ids, catalog)), precision)
+    systems = {name: {**evaluate_retrieval(runs[name], split.truth, config), **separation_metrics(split.pairs["grade"].to_numpy(), cosines)}}
+    if config.hybrid and split.lexical is not None:
+        shard = ShardIndex("catalog", index, product_ids.tolist(), split.products["title"].tolist(), split.lexical)
+        dev_vectors = encode(model, split.tuning[0]["text"].tolist(), batch_size, precision) if split.tuning is not None else None
+        rows_, hybrid_runs = hybrid_rows(name, split, shard, query_vectors, dev_vectors, cosines, config, k)
+        systems.update(rows_)
+        runs.update(hybrid_runs)
+    return systems, runs, cosines
 
 
 def query_changes(before: str, after: str, runs: dict[str, RunDict], systems: dict[str, dict], truth: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame, n: int = 10, top: int = 5) -> dict:
@@ -174,53 +203,31 @@ def evaluate_systems(
     prepared: Path, models: dict[str, str | None], config: EvaluateConfig, encoder: EncoderConfig, lexical_config: LexicalConfig, plot_path: Path | None = None
 ) -> dict:
     """Metrics of BM25 (if asked) and of every encoder in `models` (name -> folder; None = pretrained), each
-    encoder with its hybrid rows (config.hybrid), and the queries the last encoder changed most."""
-    from mr_ray.index.fusion import normalise_lexical
-    from mr_ray.index.shards import ShardIndex
-
-    products = read_table(prepared, "products").to_pandas()
-    queries = eval_queries(prepared, config)
-    truth = truth_table(prepared)
-    truth = truth[truth["query_id"].isin(set(queries["query_id"]))]
-    pairs = judged_pairs(prepared, set(queries["query_id"]))
-    pairs = pairs.merge(queries[["query_id", "text"]], on="query_id").merge(products[["product_id", "title"]], on="product_id")
-    k = max(config.ndcg_k, config.recall_k, config.precision_k)
+    encoder with its hybrid rows (config.hybrid), and the queries the last encoder changed most. Catalog
+    vectors come from the embedding cache (mr_ray.embeddings): an encoder another stage embedded is not embedded again."""
+    needs_lexical = "bm25" in config.baselines or config.hybrid
+    split = load_split(prepared, config, lexical_config if needs_lexical else None)
     systems: dict[str, dict] = {}
     runs: dict[str, RunDict] = {}
-    if "bm25" in config.baselines or config.hybrid:
-        lexical = LexicalIndex.build(products["title"].tolist(), lexical_config)  # row i = products row i
     if "bm25" in config.baselines:
-        runs["bm25"] = lexical_search(lexical, products["product_id"].to_numpy(), queries, k)
-        systems["bm25"] = evaluate_retrieval(runs["bm25"], truth, config)
-    if config.hybrid:
-        row_of = pd.Series(np.arange(len(products)), index=products["product_id"])
-        pair_lexical = normalise_lexical(*lexical.pair_scores(pairs["text"].tolist(), row_of[pairs["product_id"]].to_numpy()))
-        tuning = tuning_queries(prepared, config)
+        systems["bm25"], runs["bm25"] = score_bm25(split, config)
+    precision = resolve_precision(encoder.precision, encoder.device)
     cosines_by_system = {}
     for name, path in models.items():
-        product_ids, product_vectors = embed_catalog(products, encoder, path)
+        catalog = catalog_vectors(prepared / "products", split.products, encoder, path, name)
         model = load_encoder(path, encoder.device, encoder.max_seq_length)
-        query_vectors = encode(model, queries["text"].tolist(), encoder.batch_size)
-        runs[name] = dense_search(product_ids, product_vectors, queries["query_id"], query_vectors, k)
-        by_id = dict(zip(product_ids, product_vectors))
-        cosines = pair_scores(model, pairs, encoder.batch_size, by_id)
-        cosines_by_system[name] = cosines
-        systems[name] = {**evaluate_retrieval(runs[name], truth, config), **separation_metrics(pairs["grade"].to_numpy(), cosines)}
-        if config.hybrid:
-            in_catalog_order = np.stack([by_id[pid] for pid in products["product_id"]])
-            shard = ShardIndex("catalog", build_faiss_index(in_catalog_order, "Flat"), products["product_id"].tolist(), products["title"].tolist(), lexical)
-            rows, hybrid_runs = hybrid_rows(name, shard, model, queries, truth, tuning, pairs, cosines, pair_lexical, config, encoder, k)
-            systems.update(rows)
-            runs.update(hybrid_runs)
+        rows, system_runs, cosines_by_system[name] = score_encoder(name, split, model, catalog.vectors, config, encoder.batch_size, precision)
+        systems.update(rows)
+        runs.update(system_runs)
     if plot_path is not None and cosines_by_system:
-        plot_histograms(cosines_by_system, pairs["grade"].to_numpy(), plot_path)
-    result = {"split": config.split, "n_eval_queries": len(queries), "n_judged_pairs": len(pairs), "systems": systems}
-    result["phenomena"] = ndcg_by_phenomenon({name: row[PER_QUERY_NDCG] for name, row in systems.items()}, queries)
+        plot_histograms(cosines_by_system, split.pairs["grade"].to_numpy(), plot_path)
+    result = {"split": config.split, "n_eval_queries": len(split.queries), "n_judged_pairs": len(split.pairs), "systems": systems}
+    result["phenomena"] = ndcg_by_phenomenon({name: row[PER_QUERY_NDCG] for name, row in systems.items()}, split.queries)
     # The queries the final encoder changed most: against the pretrained encoder, or BM25 when that is the only encoder.
     encoders = list(models)
     before = "pretrained" if "pretrained" in encoders[:-1] else "bm25" if "bm25" in runs else None
     if encoders and before:
-        result["query_changes"] = query_changes(before, encoders[-1], runs, systems, truth, queries, products)
+        result["query_changes"] = query_changes(before, encoders[-1], runs, systems, split.truth, split.queries, split.products)
     return result
 
 
@@ -315,19 +322,8 @@ def render_report(result: dict, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def st_mnrl_model(prepared: Path, config, out_dir: Path) -> str:
-    """Train the `st-mnrl` baseline (mr_ray.retriever.st_baseline) into out_dir; its model folder."""
-    from mr_ray.retriever.st_baseline import train_st_baseline
-
-    stats = train_st_baseline(prepared, config, out_dir)
-    (out_dir / "training.json").write_text(json.dumps(stats, indent=2))
-    return str(out_dir / "model")
-
-
 def loss_histories(ctx) -> dict[str, list[dict]]:
     """Per training stage among the inputs, its per-epoch metrics (epoch, loss) from its manifest."""
-    from mr_ray.pipeline import read_manifest
-
     out = {}
     for name in ctx.stage.inputs:
         history = ((read_manifest(ctx.input(name)) or {}).get("metrics") or {}).get("history")
@@ -339,8 +335,6 @@ def loss_histories(ctx) -> dict[str, list[dict]]:
 def run_section(ctx) -> tuple[str, dict]:
     """What the run's graph left out (and why), and the settings each trained encoder's stage recorded it
     trained with (and where they came from: the sweep or the config)."""
-    from mr_ray.pipeline import read_manifest
-
     by_reason: dict[str, list[str]] = {}
     for name, why in ctx.left_out.items():
         by_reason.setdefault(why, []).append(name)
@@ -364,7 +358,13 @@ def evaluate_stage(ctx) -> dict:
     if "pretrained" in ctx.config.evaluate.baselines:
         models["pretrained"] = pretrained_model_path()
     if "st-mnrl" in ctx.config.evaluate.baselines:
-        models["st-mnrl"] = st_mnrl_model(ctx.input("prepare"), ctx.config, ctx.out / "st-mnrl")
+        model, stats = st_baseline(
+            ctx.input("prepare"), ctx.config.encoder.model, ctx.config.encoder.max_seq_length, ctx.config.stage1.seed,
+            Limit.of(ctx.config, "stage1.max_train_queries"),
+        )
+        (ctx.out / "st-mnrl").mkdir()
+        (ctx.out / "st-mnrl" / "training.json").write_text(json.dumps({**stats, "model": str(model)}, indent=2))
+        models["st-mnrl"] = str(model)
     for folder in ctx.inputs_of("encoder"):
         models[folder.name] = str(folder / "model")
     result = evaluate_systems(ctx.input("prepare"), models, ctx.config.evaluate, ctx.config.encoder, ctx.config.lexical, ctx.out / "similarity_hist.png")

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from mr_ray.config import ConfigError, RunConfig, section_hash
+from pydantic import BaseModel
+
+from mr_ray.config import SWEPT_STAGE2_FIELDS, ConfigError, RunConfig, section_hash
 from mr_ray.outputs import MANIFEST, TEMP_PREFIX, placed_output
 
 
@@ -49,7 +51,7 @@ class Stage:
 
 
 # Every stage the method has, in order, each with every input it can take and the RunConfig sections
-# it reads. A run's graph (`stage_graph`) keeps the stages its config and data call for, and of each
+# it reads (all it can read: StageContext.config is a ConfigView of them). A run's graph (`stage_graph`) keeps the stages its config and data call for, and of each
 # stage's inputs the ones it kept.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
@@ -57,12 +59,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label"), provides="judgments"),
     Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit"), provides="judgments"),
     Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize"), provides="judgments"),
-    Stage("stage1", "mr_ray.retriever.stages:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder", "stage1"), provides="encoder"),
+    Stage("stage1", "mr_ray.retriever.stages:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder.model", "encoder.max_seq_length", "stage1"), provides="encoder"),
     Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
-    Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"), ("encoder", "stage1", "stage2", "sweep"), provides="tuned"),
-    Stage("stage2", "mr_ray.retriever.stages:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep"), ("encoder", "stage1", "stage2"), provides="encoder"),
-    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2"), ("encoder", "evaluate")),
-    Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index"), optional=("stage1", "stage2")),
+    Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"),
+          ("encoder", "stage1", *(f"stage2.{name}" for name in SWEPT_STAGE2_FIELDS), "sweep"), provides="tuned"),
+    Stage("stage2", "mr_ray.retriever.stages:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep"), ("encoder.max_seq_length", "stage1", "stage2"), provides="encoder"),
+    # evaluate: `name` titles the report; `stage1.seed` and `stage1.max_train_queries` choose the st-mnrl baseline's train queries
+    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2"),
+          ("name", "encoder", "evaluate", "lexical", "stage1.seed", "stage1.max_train_queries")),
+    Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index", "lexical"), optional=("stage1", "stage2")),
 )
 PROVIDES = {stage.name: stage.provides for stage in STAGES}
 JUDGE_STAGES = ("judge_finetune", "label", "audit", "synthesize")
@@ -151,14 +156,77 @@ def note_limit(limit: Limit | None, kept: int, total: int, unit: str) -> None:
         log(note)
 
 
+class UndeclaredConfigRead(RuntimeError):
+    """A stage read a config section its `Stage(config=...)` does not declare: its manifest would not change
+    when that section does, so a rerun would silently keep an output built from the old value."""
+
+
+class ConfigView:
+    """What a stage sees of the run config: the sections it declares (dotted, e.g. "judge.label"), read-only.
+
+    A declared section comes back as a copy (changing it changes nothing the runner hashes); a parent of
+    declared subsections (`judge` for "judge.label") comes back as a narrower view; anything else raises
+    UndeclaredConfigRead naming the stage and the section, in tests and in runs alike."""
+
+    __slots__ = ("_node", "_declared", "_stage", "_prefix")
+
+    def __init__(self, node, declared: tuple[str, ...], stage: str, prefix: str = ""):
+        object.__setattr__(self, "_node", node)
+        object.__setattr__(self, "_declared", tuple(declared))
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, key: str):
+        dotted = f"{self._prefix}{key}"
+        if dotted in self._declared:
+            value = getattr(self._node, key)
+            return value.model_copy(deep=True) if hasattr(value, "model_copy") else value
+        if any(name.startswith(dotted + ".") for name in self._declared):
+            return ConfigView(getattr(self._node, key), self._declared, self._stage, dotted + ".")
+        raise UndeclaredConfigRead(
+            f"stage {self._stage!r} read config {dotted!r}, which it does not declare (it declares {list(self._declared)}): "
+            "add it to the stage's config sections in mr_ray/pipeline.py STAGES"
+        )
+
+    def __setattr__(self, key: str, value) -> None:
+        raise UndeclaredConfigRead(f"stage {self._stage!r} tried to set config {self._prefix}{key}: a stage's config is read-only")
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._stage!r}, {list(self._declared)})"
+
+
+# The running stage's record of the catalog embeddings it used, computed or read from the cache
+# (mr_ray.embeddings); the manifest's metrics keep it as `catalog_embeddings`. None outside a stage.
+_EMBEDDINGS: ContextVar[list[dict] | None] = ContextVar("embeddings", default=None)
+
+
+def note_embedding(entry: dict) -> None:
+    """Record one catalog embedding the running stage used (its encoder, computed or cached, seconds)."""
+    record = _EMBEDDINGS.get()
+    if record is not None:
+        record.append(entry)
+
+
 @dataclass
 class StageContext:
-    config: RunConfig
+    """What a stage gets: its declared config sections (`config`, a ConfigView), its declared inputs
+    (`input`, `inputs_of`), its temp output folder `out`, and the run folder for caches."""
+
+    config: RunConfig | ConfigView
     run_dir: Path
     out: Path
     stage: Stage
     _inputs: dict[str, Path] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)  # the run's graph: stages it leaves out, and why
+
+    def __post_init__(self):
+        if not isinstance(self.config, ConfigView):
+            self.config = ConfigView(self.config, self.stage.config, self.stage.name)
+
+    def identity(self) -> str:
+        """A short hash of what the stage's output depends on (its config sections and input hashes): a key for
+        work that must outlive a killed stage (checkpoints, labeling shards) and never be reused after a change."""
+        return section_hash(expected_identity(self.stage, self.config, self.run_dir))
 
     def input(self, name: str) -> Path:
         if name not in self._inputs:
@@ -195,7 +263,7 @@ def config_section(config: RunConfig, dotted: str):
     node = config
     for key in dotted.split("."):
         node = getattr(node, key)
-    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+    return node.model_dump(mode="json") if isinstance(node, BaseModel) else node
 
 
 def expected_identity(stage: Stage, config: RunConfig, run_dir: Path) -> dict:
@@ -236,18 +304,23 @@ def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print, left_ou
         ctx = StageContext(config, run_dir, tmp, stage, inputs, dict(left_out or {}))
         log(f"[mr-ray] stage {stage.name}: running")
         limits: list[str] = []
+        embeddings: list[dict] = []
         token = _LIMIT_NOTES.set((lambda note: log(f"[mr-ray] stage {stage.name}: {note}"), limits))
+        embeddings_token = _EMBEDDINGS.set(embeddings)
         started = time.perf_counter()
         try:
             metrics = stage.function()(ctx) or {}
         finally:
             _LIMIT_NOTES.reset(token)
+            _EMBEDDINGS.reset(embeddings_token)
         wall = time.perf_counter() - started
+        for entry in embeddings:
+            log(f"[mr-ray] stage {stage.name}: catalog vectors of {entry['encoder']}: {'embedded' if entry['computed'] else 'cached'} ({entry['seconds']} s)")
         manifest = {
             "stage": stage.name,
             **identity,
             "output_hash": tree_hash(tmp),
-            "metrics": {**metrics, "limits": limits} if limits else metrics,
+            "metrics": {**metrics, **({"limits": limits} if limits else {}), **({"catalog_embeddings": embeddings} if embeddings else {})},
             "wall_time_s": round(wall, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

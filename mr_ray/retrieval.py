@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mr_ray.config import EncoderConfig, LexicalConfig
+from mr_ray.config import LexicalConfig
 
 RunDict = dict[str, dict[str, float]]
 
@@ -50,13 +50,6 @@ def build_faiss_index(
         except RuntimeError as err:
             raise ValueError(f"index.search_params {search_params!r} do not apply to {factory!r}: {err}") from None
     return index
-
-
-def dense_search(product_ids: np.ndarray, product_vectors: np.ndarray, query_ids, query_vectors: np.ndarray, k: int) -> RunDict:
-    """Exact inner-product top-k (cosine: vectors are normalised) as a run {query_id: {product_id: score}}."""
-    index = build_faiss_index(product_vectors, "Flat")
-    scores, rows = index.search(query_vectors, min(k, len(product_ids)))
-    return run_from_rows(product_ids, query_ids, rows, scores)
 
 
 def run_from_rows(product_ids: np.ndarray, query_ids, rows: np.ndarray, scores: np.ndarray) -> RunDict:
@@ -154,14 +147,7 @@ def lexical_search(index: LexicalIndex, product_ids: np.ndarray, queries: pd.Dat
     return run_from_rows(product_ids, queries["query_id"], rows, scores)
 
 
-def embed_catalog(products: pd.DataFrame, config: EncoderConfig, model_path: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """Product ids and title embeddings of a catalog frame, through Ray Data encoder actors."""
-    from mr_ray.retriever.encoder import embed_dataset, in_blocks
-
-    return embed_dataset(in_blocks(products[["product_id", "title"]]), "product_id", "title", config, model_path)
-
-
-def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None, precision: str = "fp32") -> np.ndarray:
     """Cosine of each (query `text`, product) pair; product vectors from `product_vectors` or encoded from `title`."""
     from mr_ray.retriever.encoder import encode
 
@@ -171,9 +157,9 @@ def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: di
             raise ValueError(f"judged product(s) not in the catalog, e.g. product_id {missing[0]!r} ({len(missing)} in all)")
     else:
         titles = pairs[["product_id", "title"]].drop_duplicates("product_id")
-        product_vectors = dict(zip(titles["product_id"], encode(model, titles["title"].tolist(), batch_size)))
+        product_vectors = dict(zip(titles["product_id"], encode(model, titles["title"].tolist(), batch_size, precision)))
     query_texts = pairs["text"].drop_duplicates().tolist()
-    query_vectors = dict(zip(query_texts, encode(model, query_texts, batch_size)))
+    query_vectors = dict(zip(query_texts, encode(model, query_texts, batch_size, precision)))
     q = np.stack([query_vectors[t] for t in pairs["text"]])
     p = np.stack([product_vectors[i] for i in pairs["product_id"]])
     return np.einsum("ij,ij->i", q, p)

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ from mr_ray.cluster import use_serve_environment
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The content-addressed cache (catalog embeddings, the st-mnrl baseline) of this test process and the jobs it
+# starts: shared by its tests (the same tiny catalogs are embedded once), never the user's ~/.cache/mr-ray.
+os.environ["MR_RAY_CACHE"] = tempfile.mkdtemp(prefix="mr-ray-test-cache-")
 use_serve_environment()  # the tests' local cluster serves as `mr-ray serve` does
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,3 +34,14 @@ def homedepot():
     if not (HOMEDEPOT / "judgments.parquet").exists():
         pytest.skip(f"Home Depot data not present at {HOMEDEPOT}")
     return HOMEDEPOT
+
+
+# The slowest files first: `scripts/test.sh` runs the suite on pytest-xdist workers, a whole file per worker
+# (--dist loadfile), and a long file that starts last would leave the other worker idle at the end.
+SLOWEST_FIRST = ("test_e2e_job.py", "test_drills.py", "test_train.py", "test_labeler_vllm.py", "test_serve.py", "test_pages.py",
+                 "test_index.py", "test_judge_cross_encoder.py", "test_st_baseline.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

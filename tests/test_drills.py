@@ -31,9 +31,10 @@ CHILD_TIMEOUT_S = 600  # the machine is shared: a tiny stage can take minutes un
 TINY = {
     "data.sample": {"n_products": 300, "n_queries": 60, "seed": 5},
     "judge.kind": "none",
+    "encoder.max_seq_length": 24,
     "stage1": {
         "max_train_queries": 24, "epochs": 3, "queries_per_batch": 4, "products_per_query": 2,
-        "learning_rate": 2e-4, "max_seq_length": 24, "warmup_fraction": 0.0, "judgment_sources": ["human"],
+        "learning_rate": 2e-4, "warmup_fraction": 0.0, "judgment_sources": ["human"],
         "augment": {"rate": 0.0},
     },
 }

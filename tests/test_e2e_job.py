@@ -25,6 +25,7 @@ mine: {k: 20, max_queries: 60}
 sweep: {trials: 1, epochs: 1, max_train_queries: 30, max_dev_queries: 15}
 evaluate:
   split: test
+  baselines: [bm25, pretrained]  # st-mnrl's training and its row: tests/test_st_baseline.py
 """
 
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from mr_ray.config import EvaluateConfig, LexicalConfig
-from mr_ray.evaluate import evaluate_retrieval, separation_metrics
+from mr_ray.metrics import evaluate_retrieval, separation_metrics
 from mr_ray.retrieval import LexicalIndex, lexical_search
 
 

@@ -123,7 +123,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_optional_input_counts_when_it_appears(tmp_path):
-    with_optional = (Stage("consume_optional", f"{__name__}:produce", (), (), optional=("produce",)),)
+    with_optional = (Stage("consume_optional", f"{__name__}:produce", (), ("evaluate",), optional=("produce",)),)
     assert run_pipeline(load_config(), tmp_path, stages=with_optional)["consume_optional"] == "ran"
     assert run_pipeline(load_config(), tmp_path, stages=with_optional)["consume_optional"] == "skipped"
     run_pipeline(load_config(), tmp_path, stages=STAGES[:1])
@@ -235,7 +235,7 @@ def test_a_stage_the_graph_leaves_out_is_a_one_line_error(tmp_path):
 
 def test_a_limit_that_drops_data_is_logged_and_in_the_manifest(tmp_path):
     log: list[str] = []
-    stages = (Stage("label", f"{__name__}:capped", (), ("judge.label",)),)
+    stages = (Stage("label", f"{__name__}:capped", (), ("judge.label", "mine.max_queries")),)
     run_pipeline(load_config(None, {"judge.label.max_queries": 20}), tmp_path, stages=stages, log=log.append)
     note = "20 of 150 queries (judge.label.max_queries)"
     assert f"[mr-ray] stage label: {note}" in log
@@ -282,3 +282,72 @@ def test_mining_without_a_judge_falls_back_to_the_human_grades_and_says_so(tmp_p
     who, why = annotator(MineConfig(), [])
     assert who == "grades:judgments" and "no judge ran (judge.kind: none)" in why
     assert annotator(MineConfig(annotator="grades"), [tmp_path / "judge_finetune"])[0] == "grades:gold"
+
+
+def echo_identity(ctx):
+    """Stands in for a real stage: its output is what it depends on (declared config sections, input hashes)."""
+    CALLS.append(ctx.stage.name)
+    (ctx.out / "identity.txt").write_text(ctx.identity())
+    return {}
+
+
+def stand_ins(config) -> tuple[Stage, ...]:
+    """The real sample graph (every stage's real inputs and config sections), each stage's work replaced by echo_identity."""
+    from dataclasses import replace
+
+    return tuple(replace(stage, target=f"{__name__}:echo_identity") for stage in stage_graph(config, SAMPLE_TABLES).stages)
+
+
+@pytest.mark.parametrize(
+    ("change", "reruns"),
+    [
+        ({"lexical.k1": 1.2}, ["evaluate", "index"]),  # the BM25 of the report and of the served index
+        ({"stage2.epochs": 3}, ["stage2", "evaluate", "index"]),  # how long Stage 2 trains: not the sweep's trials
+        ({"stage2.learning_rate": 1e-4}, ["sweep", "stage2", "evaluate", "index"]),  # what the sweep's trials train with
+        ({"encoder.max_seq_length": 32}, ["stage1", "mine", "sweep", "stage2", "evaluate", "index"]),  # one length: training to serving
+        ({"serve.max_k": 50}, []),  # read when serving, by no stage
+    ],
+)
+def test_a_config_change_reruns_exactly_the_stages_that_declare_it_and_their_downstream(tmp_path, change, reruns):
+    config = load_config()
+    run_pipeline(config, tmp_path, stages=stand_ins(config))
+    CALLS.clear()
+    changed = load_config(overrides=change)
+    outcome = run_pipeline(changed, tmp_path, stages=stand_ins(changed))
+    assert [name for name, what in outcome.items() if what == "ran"] == reruns == CALLS
+
+
+def reads_stage1(ctx):
+    CALLS.append(ctx.config.stage1.epochs)
+    return {}
+
+
+def writes_config(ctx):
+    ctx.config.evaluate.seed = 9  # a copy: the runner's config is unchanged
+    ctx.config.evaluate = None
+    return {}
+
+
+def test_a_stage_that_reads_an_undeclared_section_fails_loudly_and_writes_nothing(tmp_path):
+    from mr_ray.pipeline import UndeclaredConfigRead
+
+    sneaky = (Stage("sneaky", f"{__name__}:reads_stage1", (), ("evaluate", "judge.label")),)
+    with pytest.raises(UndeclaredConfigRead, match=r"stage 'sneaky' read config 'stage1', which it does not declare"):
+        run_pipeline(load_config(), tmp_path, stages=sneaky)
+    assert CALLS == [] and not (tmp_path / "sneaky").exists() and not list(tmp_path.glob(".tmp-*"))
+    # a declared subsection does not open its parent's other subsections
+    view = StageContext(load_config(), tmp_path, tmp_path, sneaky[0]).config
+    assert view.judge.label.max_queries is None and view.evaluate.seed == 0
+    with pytest.raises(UndeclaredConfigRead, match="'judge.audit'"):
+        view.judge.audit
+    with pytest.raises(UndeclaredConfigRead, match="read-only"):
+        run_pipeline(load_config(), tmp_path, stages=(Stage("writer", f"{__name__}:writes_config", (), ("evaluate",)),))
+
+
+def test_every_stage_declares_only_sections_the_config_has():
+    from mr_ray.pipeline import STAGES, config_section
+
+    config = load_config()
+    for stage in STAGES:
+        for section in stage.config:
+            config_section(config, section)  # an AttributeError names a declaration with a typo

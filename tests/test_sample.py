@@ -23,7 +23,8 @@ from mr_ray.data.sample import (
     title_name,
     word_query,
 )
-from mr_ray.evaluate import PER_QUERY_NDCG, evaluate_retrieval, ndcg_by_phenomenon, render_phenomena, render_stage_gains
+from mr_ray.evaluate import ndcg_by_phenomenon, render_phenomena, render_stage_gains
+from mr_ray.metrics import PER_QUERY_NDCG, evaluate_retrieval
 
 
 def test_gold_rules():

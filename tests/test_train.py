@@ -14,7 +14,8 @@ from mr_ray.retriever.ray_train import train_encoder
 from mr_ray.retriever.stage_loss import stage_loss
 from mr_ray.retriever.two_tower import TwoTower
 
-TINY_TRAIN = {"queries_per_batch": 8, "products_per_query": 2, "learning_rate": 2e-4, "max_seq_length": 24, "warmup_fraction": 0.0}
+TINY_TRAIN = {"queries_per_batch": 8, "products_per_query": 2, "learning_rate": 2e-4, "warmup_fraction": 0.0}
+SEQ = 24  # encoder.max_seq_length of these tiny runs
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def tiny_examples(tiny_tables):
 def fixed_batch_loss(model_path, examples, config) -> float:
     import torch
 
-    model = load_encoder(model_path, "cpu", config.max_seq_length)
+    model = load_encoder(model_path, "cpu", SEQ)
     model.eval()
     queries, titles, grades = sample_batch(examples, products_per_query=4, rng=np.random.default_rng(0))
     with torch.no_grad():
@@ -42,7 +43,7 @@ def fixed_batch_loss(model_path, examples, config) -> float:
 def test_ray_train_lowers_the_loss_saves_a_loadable_encoder_and_resumes(ray_local, tiny_examples, tmp_path):
     config = Stage1Config(epochs=3, augment={"rate": 0.0}, **TINY_TRAIN)
     out = tmp_path / "model"
-    metrics = train_encoder(tiny_examples, config, pretrained_model_path(), out, tmp_path / "ckpt", "tiny", (tmp_path / "mlruns").as_uri())
+    metrics = train_encoder(tiny_examples, config, SEQ, pretrained_model_path(), out, tmp_path / "ckpt", "tiny", (tmp_path / "mlruns").as_uri())
     assert [row["epoch"] for row in metrics["history"]] == [0, 1, 2]
     # the loss on one fixed batch of the training rows, before and after training
     before, after = fixed_batch_loss(None, tiny_examples, config), fixed_batch_loss(str(out), tiny_examples, config)
@@ -58,7 +59,7 @@ def test_ray_train_lowers_the_loss_saves_a_loadable_encoder_and_resumes(ray_loca
     assert not np.allclose(ours, encode(load_encoder(None, "cpu", 24), texts), atol=1e-3)
 
     # same storage and name: Ray Train resumes from the epoch-2 checkpoint and runs only epoch 3
-    more = train_encoder(tiny_examples, config.model_copy(update={"epochs": 4}), pretrained_model_path(), tmp_path / "model2", tmp_path / "ckpt", "tiny")
+    more = train_encoder(tiny_examples, config.model_copy(update={"epochs": 4}), SEQ, pretrained_model_path(), tmp_path / "model2", tmp_path / "ckpt", "tiny")
     assert [row["epoch"] for row in more["history"]] == [0, 1, 2, 3]
     assert [row["started_at_epoch"] for row in more["history"]] == [0, 0, 0, 3]
 
@@ -75,7 +76,7 @@ def test_bf16_towers_train_with_fp32_weights_and_fp32_embeddings(tiny_examples, 
     from mr_ray.retriever.loop import make_optimizer, run_epoch
 
     config = Stage1Config(epochs=1, augment={"rate": 0.0}, precision="bf16", **TINY_TRAIN)
-    model = load_encoder(None, "cpu", config.max_seq_length)
+    model = load_encoder(None, "cpu", SEQ)
     towers, plain = TwoTower(model, config.precision), TwoTower(model)
     texts = ["cordless drill 20v", "red running shoes size 9", "black leather sofa"]
     with torch.no_grad():
@@ -112,6 +113,7 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
         {
             "data.sample": {"n_products": 200, "n_queries": 60, "seed": 2},
             "judge.kind": "none",  # human labels only; mining falls back to the human grades
+            "encoder.max_seq_length": SEQ,
             "stage1": {"max_train_queries": 16, **TINY_TRAIN},
             "stage2": {"max_train_queries": 16, **TINY_TRAIN},
             "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2, "max_queries": 16},
@@ -217,6 +219,7 @@ def test_batches_take_a_positive_then_hard_samples_and_mark_in_batch_negatives()
 
 
 def test_sweep_trials_run_in_their_own_working_directory_with_a_relative_data_path(ray_local, tiny_tables, tiny_examples, tmp_path, monkeypatch):
+    from mr_ray.evaluate import ScoredSplit
     from mr_ray.retriever.sweep import run_sweep
 
     # Tune runs each trial in a working directory of its own; the run's relative data.path is the driver's.
@@ -225,7 +228,9 @@ def test_sweep_trials_run_in_their_own_working_directory_with_a_relative_data_pa
     config = load_config(None, {"data": {"source": "canonical", "path": "catalog"}, "stage2": TINY_TRAIN, "sweep": {"trials": 1, "epochs": 1}})
     queries = tiny_tables["queries"]
     dev_queries = queries[queries["split"] == "dev"].head(6)
-    dev = {"products": tiny_tables["products"][["product_id", "title"]], "queries": dev_queries,
-           "truth": tiny_tables["gold"][tiny_tables["gold"]["query_id"].isin(set(dev_queries["query_id"]))]}
+    products = tiny_tables["products"][["product_id", "title"]]
+    truth = tiny_tables["gold"][tiny_tables["gold"]["query_id"].isin(set(dev_queries["query_id"]))]
+    pairs = truth.merge(dev_queries[["query_id", "text"]], on="query_id").merge(products, on="product_id")
+    dev = ScoredSplit(products, dev_queries, truth, pairs)
     best = run_sweep(config, str(pretrained_model_path()), tiny_examples, dev, tmp_path / "tune")
     assert len(best["trials"]) == 1 and 0.0 < best["ndcg@10"] <= 1.0

@@ -1,10 +1,10 @@
 """Build the sharded FAISS + BM25 index of the catalog, and the `index` pipeline stage.
 
-The catalog streams once through Ray Data encoder actors (`iter_embedded`);
-every `n_products / n_shards` embedded rows become one shard: its own FAISS
-index (any `index_factory` string, inner product), product-id map and BM25
-index of the same titles, written out before the next shard fills, so build
-memory is bounded by one shard's vectors, not the catalog's. Then the fusion
+The catalog's vectors come from the embedding cache (mr_ray.embeddings: the
+`evaluate` stage embedded the same encoder, so nothing is embedded again);
+every `n_products / n_shards` rows become one shard: its own FAISS index (any
+`index_factory` string, inner product), product-id map and BM25 index of the
+same titles, built from the memory-mapped vectors one shard at a time. Then the fusion
 weight and every retrieval mode's grade thresholds are calibrated on the
 held-out split (its judged pairs and a weighted random sample of the unjudged
 catalog, `calibration_pairs`), searched on the shards just built.
@@ -25,9 +25,12 @@ import pyarrow.parquet as pq
 from mr_ray.config import EncoderConfig, IndexConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_LEXICAL_DIR, SHARD_PRODUCTS_FILE, open_shards, search_shards_both
-from mr_ray.index.thresholds import save_retrieval_thresholds
+from mr_ray.evaluate import truth_table
+from mr_ray.index.fusion import normalise_lexical
+from mr_ray.index.thresholds import calibrate_retrieval, choose_fusion_weight, save_retrieval_thresholds
+from mr_ray.embeddings import catalog_vectors
 from mr_ray.retrieval import LexicalIndex, build_faiss_index, pair_scores
-from mr_ray.retriever.encoder import encode, iter_embedded, load_encoder
+from mr_ray.retriever.encoder import encode, load_encoder, resolve_precision
 
 
 def choose_encoder(trained: list[Path], encoder: EncoderConfig) -> tuple[str | None, str]:
@@ -58,45 +61,22 @@ def write_shard(folder: Path, index, product_ids: list[str], titles: list[str], 
     LexicalIndex.build(titles, lexical_cfg).save(folder / SHARD_LEXICAL_DIR)
 
 
-def build_index(
-    products,
-    out: Path,
-    index_cfg: IndexConfig,
-    encoder_cfg: EncoderConfig,
-    lexical_cfg: LexicalConfig,
-    model_path: str | None,
-    keep_vectors_of: set[str] = frozenset(),
-) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Write one folder per shard into `out` from a Ray Dataset of (product_id, title).
-
-    The catalog streams through the encoder actors once; a shard is built and
-    written as soon as enough embedded rows have arrived, so at most one shard
-    (plus one batch) of vectors is held. Returns the shard list and the vectors
-    of the products in `keep_vectors_of`.
-    """
-    sizes = [stop - start for start, stop in shard_bounds(products.count(), index_cfg.n_shards)]
-    kept: dict[str, np.ndarray] = {}
-    shards: list[dict] = []
-    pending: list[dict] = []  # embedded batches not yet in a shard
-    pending_rows = 0
-    for batch in iter_embedded(products, "product_id", "title", encoder_cfg, model_path):
-        ids = batch["product_id"].astype(str)
-        kept.update((pid, vec) for pid, vec in zip(ids, batch["embedding"]) if pid in keep_vectors_of)
-        pending.append({"product_id": ids, "title": batch["title"], "embedding": batch["embedding"]})
-        pending_rows += len(ids)
-        while len(shards) < len(sizes) and pending_rows >= sizes[len(shards)]:
-            size = sizes[len(shards)]
-            rows = {column: np.concatenate([b[column] for b in pending]) for column in ("product_id", "title", "embedding")}
-            shards.append(build_shard(out, len(shards), rows, size, index_cfg, lexical_cfg))
-            pending = [{column: values[size:] for column, values in rows.items()}]
-            pending_rows -= size
-    if len(shards) != len(sizes) or pending_rows:
-        raise RuntimeError(f"the catalog changed while it was indexed: expected {sum(sizes)} products")
-    return shards, kept
+def build_index(products: pd.DataFrame, vectors: np.ndarray, out: Path, index_cfg: IndexConfig, lexical_cfg: LexicalConfig) -> list[dict]:
+    """Write one folder per shard into `out` from the catalog (product_id, title) and its vectors (row i =
+    products row i; a memory map is read one shard at a time, so build memory is one shard's vectors)."""
+    shards = []
+    for number, (start, stop) in enumerate(shard_bounds(len(products), index_cfg.n_shards)):
+        rows = {
+            "product_id": products["product_id"].astype(str).to_numpy()[start:stop],
+            "title": products["title"].to_numpy()[start:stop],
+            "embedding": np.ascontiguousarray(vectors[start:stop], dtype=np.float32),
+        }
+        shards.append(build_shard(out, number, rows, stop - start, index_cfg, lexical_cfg))
+    return shards
 
 
 def build_shard(out: Path, number: int, rows: dict[str, np.ndarray], size: int, index_cfg: IndexConfig, lexical_cfg: LexicalConfig) -> dict:
-    """Index the first `size` embedded rows as shard `number`; returns its manifest entry."""
+    """Index the first `size` rows as shard `number`; returns its manifest entry."""
     started = time.perf_counter()
     index = build_faiss_index(rows["embedding"][:size], index_cfg.factory, index_cfg.search_params, index_cfg.train_size, seed=number)
     name = f"shard-{number:03d}"
@@ -120,8 +100,6 @@ def calibration_pairs(prepared: Path, index_cfg: IndexConfig) -> tuple[pd.DataFr
     hold the query's whole catalog: the tiers are cut against the products a
     search meets, not the pool's hardest candidates only.
     """
-    from mr_ray.evaluate import truth_table
-
     split = index_cfg.calibration_split
     queries = read_table(prepared, "queries").to_pandas()
     judged = truth_table(prepared)[["query_id", "product_id", "grade"]].merge(queries[queries["split"] == split][["query_id", "text"]], on="query_id")
@@ -149,31 +127,27 @@ def calibration_pairs(prepared: Path, index_cfg: IndexConfig) -> tuple[pd.DataFr
     return pairs, summary
 
 
-def calibrate_on_shards(index_dir: Path, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None) -> tuple[dict, float, dict]:
+def calibrate_on_shards(index_dir: Path, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None, precision: str) -> tuple[dict, float, dict]:
     """Fusion weight and per-mode grade thresholds from the calibration pairs, searched on the built shards.
 
     The weight maximises the judged queries' hybrid NDCG@10 over the dense and
     lexical top-100; the thresholds sit on each mode's score of the weighted
     pairs (BM25 from each product's own shard, over the query's best BM25 in the index).
     """
-    from mr_ray.index.thresholds import calibrate_retrieval, choose_fusion_weight
-
     shards = open_shards(index_dir)
     model = load_encoder(model_path, "auto", encoder_cfg.max_seq_length)
     queries = pairs[["query_id", "text"]].drop_duplicates("query_id")
     texts = queries["text"].tolist()
-    candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode(model, texts, encoder_cfg.batch_size), texts, 100)))
+    candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode(model, texts, encoder_cfg.batch_size, precision), texts, 100)))
     weight, weights_ndcg = choose_fusion_weight(candidates, pairs[pairs["judged"]])
-    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size)
+    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size, precision)
     by_mode, report = calibrate_retrieval(dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy())
     return by_mode, weight, {**report, "weights_ndcg@10": {str(w): round(v, 4) for w, v in weights_ndcg.items()}}
 
 
-def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], batch_size: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
     """Each (query `text`, product) pair's cosine and normalised BM25: its BM25 in its product's shard over its query's best BM25 in any shard."""
-    from mr_ray.index.fusion import normalise_lexical
-
-    dense = pair_scores(model, pairs, batch_size, product_vectors)  # also refuses products not in the catalog
+    dense = pair_scores(model, pairs, batch_size, product_vectors, precision)  # also refuses products not in the catalog
     lexical, best = np.zeros(len(pairs)), np.zeros(len(pairs))
     for shard in shards:
         product_row = pairs["product_id"].map({pid: i for i, pid in enumerate(shard.product_ids[:-1])}).fillna(-1).astype(int).to_numpy()
@@ -184,33 +158,35 @@ def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vect
 
 def index_stage(ctx) -> dict:
     """Pipeline stage `index`: sharded FAISS + BM25 index of the prepared catalog, fusion weight and grade thresholds."""
-    import ray
-
     config, prepared = ctx.config, ctx.input("prepare")
     model_path, encoder_source = choose_encoder(ctx.inputs_of("encoder"), config.encoder)
     pairs, calibration = calibration_pairs(prepared, config.index)
-    products = ray.data.read_parquet(str(prepared / "products"), columns=["product_id", "title"])
+    products = read_table(prepared, "products").to_pandas()
     started = time.perf_counter()
-    shards, kept = build_index(products, ctx.out, config.index, config.encoder, config.lexical, model_path, set(pairs["product_id"]))
+    catalog = catalog_vectors(prepared / "products", products, config.encoder, model_path, encoder_source)  # evaluate embedded it
+    shards = build_index(products, catalog.vectors, ctx.out, config.index, config.lexical)
     n_products = sum(shard["products"] for shard in shards)
     # The stage folder is renamed to run_dir/index when it finishes: store trained
     # encoders relative to that final place.
     stored_path = model_path
     if model_path is not None and Path(model_path).resolve().is_relative_to(ctx.run_dir.resolve()):
         stored_path = os.path.relpath(Path(model_path).resolve(), (ctx.run_dir / ctx.stage.name).resolve())
-    dim = int(next(iter(kept.values())).shape[0])
+    precision = resolve_precision(config.encoder.precision, config.encoder.device)
+    dim = int(catalog.vectors.shape[1])
     manifest = {
         "factory": config.index.factory,
         "search_params": config.index.search_params,
         "metric": "inner_product",
         "dim": dim,
         "products": n_products,
-        "encoder": {"source": encoder_source, "path": stored_path, "max_seq_length": config.encoder.max_seq_length},
+        "encoder": {"source": encoder_source, "path": stored_path, "max_seq_length": config.encoder.max_seq_length, "precision": precision},
         "shards": shards,
         "calibration": calibration,
     }
     (ctx.out / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    by_mode, weight, report = calibrate_on_shards(ctx.out, pairs, kept, config.encoder, model_path)
+    by_id = catalog.by_id()
+    kept = {pid: by_id[pid] for pid in set(pairs["product_id"]) if pid in by_id}  # an unknown product is refused by pair_scores
+    by_mode, weight, report = calibrate_on_shards(ctx.out, pairs, kept, config.encoder, model_path, precision)
     save_retrieval_thresholds(ctx.out, by_mode, weight, {mode: {**calibration, **r} if mode in by_mode else r for mode, r in report.items()})
     thresholds = by_mode["dense"]
     return {

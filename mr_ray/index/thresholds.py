@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import precision_recall_curve
 
+from mr_ray.config import EvaluateConfig
 from mr_ray.grades import GRADE_NAMES, Grade
+from mr_ray.index.fusion import weighted_fusion
+from mr_ray.metrics import evaluate_retrieval
 
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -126,9 +129,6 @@ FUSION_WEIGHTS = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
 def choose_fusion_weight(candidates: dict, judgments, weights=FUSION_WEIGHTS) -> tuple[float, dict[float, float]]:
     """The weight whose hybrid ranking has the best NDCG@10 on judged queries ({query_id: Candidates});
     ties go to the larger weight (more dense). Returns it and every weight's NDCG@10."""
-    from mr_ray.config import EvaluateConfig
-    from mr_ray.evaluate import evaluate_retrieval
-
     config = EvaluateConfig()
     ndcg = {}
     for weight in weights:
@@ -140,7 +140,6 @@ def choose_fusion_weight(candidates: dict, judgments, weights=FUSION_WEIGHTS) ->
 
 def calibrate_retrieval(dense, lexical_normalised, grades, weight: float, pair_weights=None) -> tuple[dict[str, GradeThresholds], dict]:
     """Thresholds of every retrieval mode on its own score of the same calibration pairs."""
-    from mr_ray.index.fusion import weighted_fusion
 
     scores = {"dense": np.asarray(dense, dtype=np.float64), "lexical": np.asarray(lexical_normalised, dtype=np.float64)}
     scores["hybrid"] = weighted_fusion(scores["dense"], scores["lexical"], weight)

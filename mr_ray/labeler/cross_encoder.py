@@ -26,6 +26,7 @@ from torch import nn
 from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.grades import GRADE_NAMES
 from mr_ray.labeler.prompt import PromptError, field_text
+from mr_ray.retriever.encoder import resolve_precision
 
 ID2LABEL = {int(grade): name for grade, name in GRADE_NAMES.items()}
 # Product fields after the title, in this order, when present (each as "field: value").
@@ -188,7 +189,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         inputs = encode(tokenizer, batch["query"], batch["product"]).to(device)
         targets = torch.tensor(batch[["t0", "t1", "t2"]].to_numpy(dtype=np.float32), device=device)
         # bf16 autocast for the encoder's forward only; the softmax and loss stay fp32.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(cfg.precision, device.type) == "bf16"):
             logits = model(**inputs).logits
         return loss_fn(logits.float(), targets)
 

@@ -101,12 +101,10 @@ def annotate(mined: pd.DataFrame, grades: pd.DataFrame, unjudged_grade: int | No
 def judge_grades(ctx, judge: Path, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Re-annotate mined pairs with the fine-tuned judge in `judge`, of whichever kind (`mr_ray.labeler.label.label_pairs`:
     Ray Data + vLLM, resumable shards)."""
-    from mr_ray.config import section_hash
     from mr_ray.labeler.label import label_pairs
-    from mr_ray.pipeline import expected_identity
 
     config = ctx.config.judge
-    shards = ctx.run_dir / "cache" / f"mine-shards-{section_hash(expected_identity(ctx.stage, ctx.config, ctx.run_dir))}"
+    shards = ctx.run_dir / "cache" / f"mine-shards-{ctx.identity()}"
     judged, failed = label_pairs(
         mined[["query_id", "product_id"]], queries, products, judge / "model", config.engine,
         shards, config.label.shard_rows, source=MINED_SOURCE,
@@ -127,15 +125,16 @@ def annotator(config: MineConfig, judges: list[Path]) -> tuple[str, str]:
 def mine_stage(ctx) -> dict:
     """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
 
+    from mr_ray.embeddings import catalog_vectors
     from mr_ray.pipeline import Limit
-    from mr_ray.retrieval import embed_catalog
     from mr_ray.retriever.encoder import embed_dataset, in_blocks
     from mr_ray.retriever.examples import read_frame, training_set
 
     config, encoder = ctx.config.mine, ctx.config.encoder
     model = str(ctx.input("stage1") / "model")
     products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, Limit.of(ctx.config, "mine.max_queries"), ctx.inputs_of("judgments"))
-    product_ids, product_vectors = embed_catalog(products, encoder, model)
+    catalog = catalog_vectors(ctx.input("prepare") / "products", products, encoder, model, "stage1")  # evaluate's Stage 1 rows reuse them
+    product_ids, product_vectors = catalog.ids, np.asarray(catalog.vectors)
     query_ids, query_vectors = embed_dataset(in_blocks(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
     mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
     failed = 0

@@ -45,10 +45,10 @@ def train_loop_per_worker(loop: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / TRAIN_STATE, weights_only=False)
-            model = load_encoder(str(Path(folder) / "model"), str(device), config.max_seq_length)
+            model = load_encoder(str(Path(folder) / "model"), str(device), loop["max_seq_length"])
         start_epoch = state["epoch"] + 1
     else:
-        model = load_encoder(loop["init_model"], str(device), config.max_seq_length)
+        model = load_encoder(loop["init_model"], str(device), loop["max_seq_length"])
     towers = ray.train.torch.prepare_model(TwoTower(model, config.precision))
     steps_per_epoch = -(-loop["n_rows"] // (config.queries_per_batch * world))
     optimizer, scheduler = make_optimizer(model, config, steps_per_epoch * config.epochs)
@@ -58,7 +58,7 @@ def train_loop_per_worker(loop: dict) -> None:
     terms = [(w, t.to(device)) for w, t in stage_loss(config)]
     tracker = _MlflowTracker(loop.get("mlflow_uri"), loop["run_name"], state) if rank == 0 else None
     if tracker and state is None:
-        tracker.log_params({"stage": loop["run_name"], **_flat(config.model_dump(mode="json"))})
+        tracker.log_params({"stage": loop["run_name"], "max_seq_length": loop["max_seq_length"], **_flat(config.model_dump(mode="json"))})
     history = state["history"] if state is not None else []
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.epochs):
@@ -140,13 +140,15 @@ class _MlflowTracker:
 def train_encoder(
     examples: pd.DataFrame,
     config: Stage1Config | Stage2Config,
+    max_seq_length: int,
     init_model: str,
     out_model: Path,
     storage: Path,
     run_name: str,
     mlflow_uri: str | None = None,
 ) -> dict:
-    """Train on Ray Train and save the final encoder (sentence-transformers folder) at `out_model`.
+    """Train on Ray Train and save the final encoder (sentence-transformers folder, texts cut at
+    `max_seq_length` tokens: `encoder.max_seq_length`, as index and serving cut them) at `out_model`.
 
     `storage/run_name` holds Ray Train's checkpoints: calling again with the same
     storage and name resumes from the latest epoch checkpoint. Returns the last
@@ -163,6 +165,7 @@ def train_encoder(
             "config_class": type(config).__name__,
             "config": config.model_dump(mode="json"),
             "init_model": init_model,
+            "max_seq_length": max_seq_length,
             "n_rows": len(examples),
             "run_name": run_name,
             "mlflow_uri": mlflow_uri,

@@ -3,19 +3,31 @@ trainer with MultipleNegativesRankingLoss on (query, exact product) pairs, one e
 
 The evaluate stage trains it on the human labels of the train queries
 (`evaluate.baselines: [..., st-mnrl]`) so every report compares the method with
-it; bench/train_throughput.py and bench/homedepot_retrieval.py use the same
+it, once per training data and recipe (`st_baseline` caches it);
+bench/train_throughput.py and bench/homedepot_retrieval.py use the same
 functions. Needs the `datasets` package (the trainer reads a `datasets.Dataset`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
 from transformers import TrainerCallback
 
-from mr_ray.config import RunConfig
+from mr_ray.config import Stage1Config, section_hash
+from mr_ray.embeddings import cache_root
+from mr_ray.pipeline import Limit, tree_hash
+from mr_ray.retriever.encoder import load_encoder, pretrained_model_path
+from mr_ray.retriever.examples import build_examples, training_set
+
+STATS = "training.json"
 
 # The recipe's settings: sentence-transformers' documented MNRL defaults at our batch size.
 BATCH_SIZE = 64
@@ -50,8 +62,6 @@ def train_mnrl(
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
-
-    from mr_ray.retriever.encoder import load_encoder
 
     if pairs.empty:
         raise ValueError("st-mnrl: no (query, exact product) pairs to train on")
@@ -105,14 +115,33 @@ class StepTimer(TrainerCallback):
         return self.last - self.first
 
 
-def train_st_baseline(prepared: Path, config: RunConfig, out_dir: Path) -> dict:
-    """The `st-mnrl` row's model: the recipe on the human labels of the train queries (Stage 1's subset
-    and sequence length), saved at out_dir/model; returns the training stats."""
-    from mr_ray.pipeline import Limit
-    from mr_ray.retriever.examples import build_examples, training_set
-
-    human = config.stage1.model_copy(update={"judgment_sources": ["human"]})
-    products, queries, judgments = training_set(prepared, human, Limit.of(config, "stage1.max_train_queries"))
+def st_baseline(prepared: Path, base_model: str | None, max_seq_length: int, seed: int, limit: Limit | None, log=print) -> tuple[Path, dict]:
+    """The `st-mnrl` row's model: the recipe on the human labels of the train queries (Stage 1's subset: `seed`,
+    `limit`), trained once and cached by what it depends on — its training pairs, the base model's files and
+    the recipe — so every later run and config on the same data reuses it. Returns (model folder, training stats)."""
+    human = Stage1Config(judgment_sources=["human"], seed=seed)
+    products, queries, judgments = training_set(prepared, human, limit)
     pairs = exact_pairs(build_examples(queries, judgments, products))
-    stats = train_mnrl(config.encoder.model, pairs, out_dir, max_seq_length=config.stage1.max_seq_length, seed=config.stage1.seed)
-    return {**stats, "train_queries": len(queries)}
+    recipe = {
+        "pairs": hashlib.sha256(pd.util.hash_pandas_object(pairs, index=False).to_numpy().tobytes()).hexdigest()[:16],
+        "base_model": tree_hash(Path(base_model or pretrained_model_path())),
+        "max_seq_length": max_seq_length, "seed": seed, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "epochs": EPOCHS,
+    }
+    folder = cache_root() / "st-mnrl" / section_hash(recipe)
+    if (folder / STATS).is_file():
+        log(f"[mr-ray] st-mnrl: reusing {folder} (same training pairs, base model and recipe)")
+        return folder / "model", json.loads((folder / STATS).read_text())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        stats = {**train_mnrl(base_model, pairs, tmp, max_seq_length=max_seq_length, seed=seed), "train_queries": len(queries), "recipe": recipe}
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the trainer's scratch output; the model is tmp/model
+        (tmp / STATS).write_text(json.dumps(stats, indent=2))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / STATS).is_file():  # another run finished the same model first: theirs is kept
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder / "model", stats

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mr_ray.config import section_hash
-from mr_ray.pipeline import Limit, StageContext, expected_identity
+from mr_ray.pipeline import Limit, StageContext
 from mr_ray.retriever.examples import examples_with_augmentation, read_frame, stage2_examples, training_set
 from mr_ray.retriever.ray_train import train_encoder
 
 
 def checkpoint_storage(ctx: StageContext) -> tuple[Path, str]:
     """Ray Train storage outside the stage's temp folder (so a crashed stage resumes), keyed by identity."""
-    identity = section_hash(expected_identity(ctx.stage, ctx.config, ctx.run_dir))
-    return (ctx.run_dir / "checkpoints").resolve(), f"{ctx.stage.name}-{identity}"
+    return (ctx.run_dir / "checkpoints").resolve(), f"{ctx.stage.name}-{ctx.identity()}"
 
 
 def mlflow_uri(ctx: StageContext) -> str:
@@ -34,7 +32,7 @@ def stage1_stage(ctx: StageContext) -> dict:
     examples = examples_with_augmentation(queries, judgments, products, config)
     storage, name = checkpoint_storage(ctx)
     metrics = train_encoder(
-        examples, config, ctx.config.encoder.model or pretrained_model_path(), ctx.out / "model", storage, name, mlflow_uri(ctx)
+        examples, config, ctx.config.encoder.max_seq_length, ctx.config.encoder.model or pretrained_model_path(), ctx.out / "model", storage, name, mlflow_uri(ctx)
     )
     return {**metrics, "clean_queries": len(queries), "typo_queries": int((~examples["query_id"].isin(set(queries["query_id"]))).sum())}
 
@@ -64,5 +62,7 @@ def stage2_stage(ctx: StageContext) -> dict:
         ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"), mined, config.keep_judged_grades
     )
     storage, name = checkpoint_storage(ctx)
-    metrics = train_encoder(examples, config, str(ctx.input("stage1") / "model"), ctx.out / "model", storage, name, mlflow_uri(ctx))
+    metrics = train_encoder(
+        examples, config, ctx.config.encoder.max_seq_length, str(ctx.input("stage1") / "model"), ctx.out / "model", storage, name, mlflow_uri(ctx)
+    )
     return {**metrics, "mined_pairs_used": mined_count, "trained_with": trained_with}

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mr_ray.config import EvaluateConfig, RunConfig, Stage2Config, SweepConfig
-from mr_ray.pipeline import Limit
+from mr_ray.config import SWEPT_STAGE2_FIELDS, EncoderConfig, EvaluateConfig, RunConfig, Stage2Config, SweepConfig
+from mr_ray.evaluate import ScoredSplit, load_split, score_encoder
+from mr_ray.pipeline import Limit, config_section
 
 OBJECTIVE = "ndcg@10"
 BEST_PARAMS = "best_params.json"
@@ -57,34 +58,36 @@ def read_best_params(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / BEST_PARAMS).read_text())
 
 
-def dev_ndcg(model, products: pd.DataFrame, queries: pd.DataFrame, truth: pd.DataFrame, batch_size: int) -> float:
-    """Dev NDCG@10 of an in-memory encoder: full-catalog exact search (mr_ray.evaluate)."""
-    from mr_ray.evaluate import evaluate_retrieval
-    from mr_ray.retrieval import dense_search
+# A trial's score: dense retrieval only, NDCG@10 (recall at 10 keeps the search as shallow as the metric).
+TRIAL_SCORING = EvaluateConfig(split="dev", recall_k=10, hybrid=False)
+
+
+def dev_ndcg(model, dev: ScoredSplit, batch_size: int, precision: str) -> float:
+    """Dev NDCG@10 of an in-memory encoder, through the one scoring path (mr_ray.evaluate.score_encoder)."""
     from mr_ray.retriever.encoder import encode
 
     model.eval()
-    product_vectors = encode(model, products["title"].tolist(), batch_size)
-    query_vectors = encode(model, queries["text"].tolist(), batch_size)
-    run = dense_search(products["product_id"].to_numpy(), product_vectors, queries["query_id"], query_vectors, 10)
-    return evaluate_retrieval(run, truth, EvaluateConfig(split="dev", recall_k=10))[OBJECTIVE]
+    catalog = encode(model, dev.products["title"].tolist(), batch_size, precision)
+    systems, _, _ = score_encoder("trial", dev, model, catalog, TRIAL_SCORING, batch_size, precision)
+    return systems["trial"][OBJECTIVE]
 
 
-def trial(params: dict, *, stage2: dict, epochs: int, batch_size: int, init_model: str, examples: pd.DataFrame, dev: dict) -> None:
+def trial(params: dict, *, stage2: dict, epochs: int, encoder: dict, init_model: str, examples: pd.DataFrame, dev: ScoredSplit) -> None:
     """One Tune trial: train Stage 2 (`stage2`, its config) with `params` for `epochs`, report dev NDCG@10 each epoch."""
     import torch
     from ray import tune
 
-    from mr_ray.retriever.encoder import load_encoder
+    from mr_ray.retriever.encoder import load_encoder, resolve_precision
     from mr_ray.retriever.loop import make_optimizer, run_epoch
     from mr_ray.retriever.examples import iter_frames
     from mr_ray.retriever.stage_loss import stage_loss
     from mr_ray.retriever.two_tower import TwoTower
 
     train_config = tuned_stage2(Stage2Config.model_validate(stage2), params)
+    encoder_config = EncoderConfig.model_validate(encoder)
     device = "cuda" if train_config.use_gpu else "cpu"
     torch.manual_seed(train_config.seed)
-    model = load_encoder(init_model, device, train_config.max_seq_length)
+    model = load_encoder(init_model, device, encoder_config.max_seq_length)
     steps = -(-len(examples) // train_config.queries_per_batch) * epochs
     optimizer, scheduler = make_optimizer(model, train_config, steps)
     terms = stage_loss(train_config)
@@ -92,8 +95,13 @@ def trial(params: dict, *, stage2: dict, epochs: int, batch_size: int, init_mode
         frames = iter_frames(examples, train_config.queries_per_batch, seed=train_config.seed + epoch)
         rng = np.random.default_rng([train_config.seed, epoch])
         metrics = run_epoch(TwoTower(model, train_config.precision), frames, terms, optimizer, scheduler, train_config.products_per_query, rng, device)
-        score = dev_ndcg(model, dev["products"], dev["queries"], dev["truth"], batch_size)
+        score = dev_ndcg(model, dev, encoder_config.batch_size, resolve_precision(encoder_config.precision, device))
         tune.report({OBJECTIVE: score, "epoch": epoch + 1, "loss": metrics["loss"]})
+
+
+def trial_stage2(config: RunConfig) -> Stage2Config:
+    """Stage 2's config as the trials train with it: its SWEPT_STAGE2_FIELDS (all the sweep declares), the rest default."""
+    return Stage2Config.model_validate({name: config_section(config, f"stage2.{name}") for name in SWEPT_STAGE2_FIELDS})
 
 
 def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: dict, storage: Path) -> dict:
@@ -103,21 +111,21 @@ def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: d
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    sweep = config.sweep
+    sweep, stage2 = config.sweep, trial_stage2(config)
     # Only what a trial uses: a whole RunConfig would re-check its data paths from the trial's working directory.
     trainable = tune.with_parameters(
-        trial, stage2=config.stage2.model_dump(mode="json"), epochs=sweep.epochs, batch_size=config.encoder.batch_size,
+        trial, stage2=stage2.model_dump(mode="json"), epochs=sweep.epochs, encoder=config.encoder.model_dump(mode="json"),
         init_model=init_model, examples=examples, dev=dev,
     )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if config.stage2.use_gpu else 0}),
+        tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if stage2.use_gpu else 0}),
         param_space=search_space(sweep),
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE,
             mode="max",
             num_samples=sweep.trials,
             # The first trial is Stage 2's own config, so the sweep can only hand stage2 values that beat it on dev.
-            search_alg=BasicVariantGenerator(points_to_evaluate=[stage2_params(config.stage2)], random_state=sweep.seed),
+            search_alg=BasicVariantGenerator(points_to_evaluate=[stage2_params(stage2)], random_state=sweep.seed),
             scheduler=ASHAScheduler(time_attr="epoch", max_t=sweep.epochs, grace_period=1, reduction_factor=2),
         ),
         run_config=tune.RunConfig(name="sweep-stage2", storage_path=str(storage), verbose=0),
@@ -136,17 +144,15 @@ def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: d
 
 
 def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, labeled: list[Path]) -> dict:
-    """Stage 2's training rows (judged, with mined samples) and the dev set of the sweep."""
-    from mr_ray.evaluate import truth_table
-    from mr_ray.retriever.examples import read_frame, select_queries, stage2_examples
+    """Stage 2's training rows (judged, with mined samples) and the dev split the trials are scored on."""
+    from mr_ray.retriever.examples import stage2_examples
 
     sweep = config.sweep
     products, examples, _ = stage2_examples(
         prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined, config.stage2.keep_judged_grades
     )
-    dev_queries = select_queries(read_frame(prepared, "queries"), "dev", Limit.of(config, "sweep.max_dev_queries"), sweep.seed)
-    truth = truth_table(prepared)
-    dev = {"products": products[["product_id", "title"]], "queries": dev_queries, "truth": truth[truth["query_id"].isin(set(dev_queries["query_id"]))]}
+    scoring = TRIAL_SCORING.model_copy(update={"max_queries": sweep.max_dev_queries, "seed": sweep.seed})
+    dev = load_split(prepared, scoring, products=products[["product_id", "title"]], limit_setting="sweep.max_dev_queries")
     return {"examples": examples, "dev": dev}
 
 
@@ -159,4 +165,4 @@ def sweep_stage(ctx) -> dict:
     data = sweep_data(ctx.input("prepare"), config, mined, ctx.inputs_of("judgments"))
     best = run_sweep(config, str(ctx.input("stage1") / "model"), data["examples"], data["dev"], (ctx.out / "tune").resolve())
     (ctx.out / BEST_PARAMS).write_text(json.dumps(best, indent=2))
-    return {"params": best["params"], OBJECTIVE: best[OBJECTIVE], "trials": len(best["trials"]), "dev_queries": len(data["dev"]["queries"])}
+    return {"params": best["params"], OBJECTIVE: best[OBJECTIVE], "trials": len(best["trials"]), "dev_queries": len(data["dev"].queries)}

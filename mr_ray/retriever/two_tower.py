@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mr_ray.retriever.encoder import resolve_precision
+
 
 class TwoTower(torch.nn.Module):
     """The shared encoder over a step's queries and its products: normalised embeddings with gradients.
@@ -25,7 +27,7 @@ class TwoTower(torch.nn.Module):
 
     def _embed(self, texts: list[str], device) -> torch.Tensor:
         features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.encoder.preprocess(texts).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(self.precision, device.type) == "bf16"):
             embeddings = self.encoder(features)["sentence_embedding"]
         # Normalised and scored in fp32: bf16 keeps ~3 significant digits, too coarse for similarities over a temperature.
         return F.normalize(embeddings.float(), dim=-1)

@@ -43,7 +43,7 @@ from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
 from mr_ray.index.fusion import Candidates
-from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_candidates, open_shards, read_index_manifest, search_shards_both
+from mr_ray.index.shards import ShardIndex, index_encoder_path, index_precision, merge_candidates, open_shards, read_index_manifest, search_shards_both
 from mr_ray.index.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.serve.api import SearchRequest, SearchResponse
@@ -68,8 +68,9 @@ class ServeArgs(ServeConfig):
 class QueryEncoder:
     """Encodes lists of query texts, batching the calls that queue up while a batch runs."""
 
-    def __init__(self, model_path: str | None, device: str, max_seq_length: int, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, model_path: str | None, device: str, max_seq_length: int, precision: str, max_batch_size: int, batch_wait_timeout_s: float):
         self.model = load_encoder(model_path, device, max_seq_length)
+        self.precision = precision  # as the index's catalog vectors were embedded
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -77,7 +78,7 @@ class QueryEncoder:
     async def encode_batch(self, text_lists: list[list[str]]) -> list[np.ndarray]:
         texts = [text for texts in text_lists for text in texts]
         # In a thread, so calls keep queueing (and form the next batch) while this one encodes.
-        vectors = await asyncio.to_thread(encode, self.model, texts, len(texts))
+        vectors = await asyncio.to_thread(encode, self.model, texts, len(texts), self.precision)
         return np.split(vectors, np.cumsum([len(texts) for texts in text_lists])[:-1])
 
     async def __call__(self, texts: list[str]) -> np.ndarray:
@@ -137,6 +138,7 @@ class SearchIngress:
         if self.options.colocate:
             model_path = index_encoder_path(index_dir, manifest)
             self.model = load_encoder(model_path, self.options.encoder_device, manifest["encoder"]["max_seq_length"])
+            self.precision = index_precision(manifest)
             self.local_shards = open_shards(index_dir)
         self.thresholds = {mode: GradeThresholds(**values) for mode, values in thresholds.items()}
         self.fusion_weight = fusion_weight
@@ -212,7 +214,7 @@ class SearchIngress:
 
     def search_here(self, queries: list[str], k: int) -> list[Candidates]:
         """Colocated: encode and search every shard in this replica."""
-        vectors = encode(self.model, queries, len(queries))
+        vectors = encode(self.model, queries, len(queries), self.precision)
         return search_shards_both(self.local_shards, vectors, queries, k)
 
     async def search_replicas(self, queries: list[str], k: int) -> tuple[list[Candidates], list[str]]:
@@ -286,6 +288,7 @@ def build_app(args: dict):
             index_encoder_path(index_dir, manifest),
             options.encoder_device,
             manifest["encoder"]["max_seq_length"],
+            index_precision(manifest),
             options.encoder_max_batch_size,
             options.encoder_batch_wait_timeout_s,
         )

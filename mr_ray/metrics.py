@@ -1,0 +1,69 @@
+"""Retrieval metrics with graded gains, and score separation per grade (the numbers every report row holds).
+
+Retrieval metrics come from `ranx`:
+- NDCG@10 with graded gains (gain = grade: exact 2, partial 1), so ranking an
+  exact item above a partial one counts;
+- Recall@100 and Precision@10 of *exact* items (grade 2).
+Unjudged products count as grade 0. Score separation uses the judged pairs:
+mean score per grade and the AUCs of grade 2 over grade 1 and grade 1 over
+grade 0 (sklearn's ROC AUC), the quantities a search team thresholds on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from ranx import Qrels, Run, evaluate
+from sklearn.metrics import roc_auc_score
+
+from mr_ray.config import EvaluateConfig
+from mr_ray.retrieval import RunDict
+
+PER_QUERY_NDCG = "ndcg_per_query"  # evaluate_retrieval's {query_id: NDCG} (ranx), for the per-query tables
+
+
+def qrels_dict(judgments: pd.DataFrame, min_grade: int = 1) -> dict[str, dict[str, int]]:
+    """{query_id: {product_id: grade}} of the pairs graded at least `min_grade`."""
+    kept = judgments[judgments["grade"] >= min_grade]
+    out: dict[str, dict[str, int]] = {}
+    for qid, pid, grade in zip(kept["query_id"], kept["product_id"], kept["grade"]):
+        out.setdefault(str(qid), {})[str(pid)] = int(grade)
+    return out
+
+
+def evaluate_retrieval(run: RunDict, judgments: pd.DataFrame, config: EvaluateConfig) -> dict:
+    """Graded NDCG, exact-item recall and precision of a run (ranx)."""
+    graded = qrels_dict(judgments, min_grade=1)
+    exact = qrels_dict(judgments, min_grade=2)
+    results = {}
+    for name, qrels, metrics in (
+        ("graded", graded, [f"ndcg@{config.ndcg_k}"]),
+        ("exact", exact, [f"recall@{config.recall_k}", f"precision@{config.precision_k}"]),
+    ):
+        query_ids = [q for q in qrels if q in run]
+        if not query_ids:
+            raise ValueError(f"no query of the run has {name} judgments to evaluate against")
+        ranx_run = Run({q: run[q] if run[q] else {"__none__": 0.0} for q in query_ids})
+        scores = evaluate(Qrels({q: qrels[q] for q in query_ids}), ranx_run, metrics, make_comparable=True)
+        scores = scores if isinstance(scores, dict) else {metrics[0]: scores}
+        if name == "graded":
+            per_query = {str(q): float(v) for q, v in ranx_run.scores[metrics[0]].items()}
+        results.update({metric: float(value) for metric, value in scores.items()})
+        results[f"n_queries_{name}"] = len(query_ids)
+    return {
+        "ndcg@10" if config.ndcg_k == 10 else f"ndcg@{config.ndcg_k}": results[f"ndcg@{config.ndcg_k}"],
+        f"recall@{config.recall_k}_exact": results[f"recall@{config.recall_k}"],
+        f"precision@{config.precision_k}_exact": results[f"precision@{config.precision_k}"],
+        "n_queries": results["n_queries_graded"],
+        PER_QUERY_NDCG: per_query,
+    }
+
+
+def separation_metrics(grades: np.ndarray, cosines: np.ndarray) -> dict:
+    """Mean cosine per grade and AUC(2 over 1), AUC(1 over 0)."""
+    out = {f"mean_cos_grade{g}": float(cosines[grades == g].mean()) if (grades == g).any() else None for g in (0, 1, 2)}
+    for hi, lo in ((2, 1), (1, 0)):
+        mask = (grades == hi) | (grades == lo)
+        labels = grades[mask] == hi
+        out[f"auc_{hi}_over_{lo}"] = float(roc_auc_score(labels, cosines[mask])) if 0 < labels.sum() < len(labels) else None
+    return out
