@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mr_ray.config import LexicalConfig
+from mr_ray.retriever.encoder import encode
 
 RunDict = dict[str, dict[str, float]]
 
@@ -149,8 +150,6 @@ def lexical_search(index: LexicalIndex, product_ids: np.ndarray, queries: pd.Dat
 
 def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None, precision: str = "fp32") -> np.ndarray:
     """Cosine of each (query `text`, product) pair; product vectors from `product_vectors` or encoded from `title`."""
-    from mr_ray.retriever.encoder import encode
-
     if product_vectors is not None:
         missing = sorted(set(pairs["product_id"]) - product_vectors.keys())
         if missing:

@@ -64,6 +64,12 @@ def test_job_submit_runs_pipeline_then_skips_everything(ray_local, tmp_path):
     fit = json.loads((run_dir / "judge_finetune" / "manifest.json").read_text())["metrics"]["grade_offsets"]
     assert len(fit["offsets"]) == 3 and fit["offsets"][1] == 0.0 and fit["calibration_pairs"] > 0
     assert "per-grade logit offsets" in (run_dir / "evaluate" / "report.md").read_text()
+    # every encoder embedded the catalog once: mine embeds Stage 1's (evaluate reads it), evaluate Stage 2's (index reads it)
+    used = {stage: json.loads((run_dir / stage / "manifest.json").read_text())["metrics"]["catalog_embeddings"] for stage in ("mine", "evaluate", "index")}
+    computed = [entry["key"] for entries in used.values() for entry in entries if entry["computed"]]
+    assert len(computed) == len(set(computed)) >= 2  # stage1, stage2 (and pretrained, unless another test embedded this catalog)
+    assert {(e["encoder"], e["computed"]) for e in used["evaluate"]} >= {("stage1", False), ("stage2", True)}
+    assert [(e["encoder"], e["computed"]) for e in used["index"]] == [("stage2", False)]
     second = run_main(config, run_dir)
     assert ": running" not in second
     assert second.count("skipped (manifest matches)") >= 2

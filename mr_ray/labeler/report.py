@@ -14,6 +14,9 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, roc_auc_score
 
 from mr_ray.grades import GRADE_NAMES
+from mr_ray.labeler.label import label_pairs
+from mr_ray.pipeline import read_manifest
+from mr_ray.schema import DataError
 
 GRADES = [0, 1, 2]
 
@@ -137,8 +140,6 @@ def judge_report(ctx) -> tuple[str, dict]:
     judge_finetune's held-out evaluation, and human / judge / audited label error against the sample's gold."""
     import pyarrow.parquet as pq
 
-    from mr_ray.pipeline import read_manifest
-
     def stage(name: str):
         try:
             return ctx.input(name)
@@ -171,9 +172,6 @@ def evaluate_judge(model: Path, prepared: Path, split: str, engine, shard_dir: P
     """Label the `split` queries' human-judged pairs with the judge in `model` (Ray Data + vLLM) and score it
     against the human grades (with rating_mean when the table has it) and, on the sample catalog, against gold."""
     import pyarrow.parquet as pq
-
-    from mr_ray.labeler.label import label_pairs
-    from mr_ray.schema import DataError
 
     def table(name: str) -> pd.DataFrame | None:
         return pq.read_table(prepared / name).to_pandas() if (prepared / name).exists() else None

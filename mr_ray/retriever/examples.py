@@ -19,6 +19,8 @@ import pandas as pd
 import torch
 
 from mr_ray.config import Stage1Config
+from mr_ray.data.augment import augment_queries
+from mr_ray.data.prepare import read_table
 from mr_ray.pipeline import Limit, note_limit
 from mr_ray.retriever.losses import UNJUDGED
 
@@ -103,8 +105,6 @@ def iter_frames(examples: pd.DataFrame, batch_size: int, seed: int) -> Iterable[
 
 
 def read_frame(stage_dir: Path, kind: str) -> pd.DataFrame:
-    from mr_ray.data.prepare import read_table
-
     table = read_table(stage_dir, kind)
     if table is None:
         raise FileNotFoundError(f"{stage_dir}: no {kind}/ table")
@@ -146,8 +146,6 @@ def stage2_examples(
 
 def examples_with_augmentation(queries: pd.DataFrame, judgments: pd.DataFrame, products: pd.DataFrame, config: Stage1Config) -> pd.DataFrame:
     """Training rows for the clean queries plus their typo copies (same judgments)."""
-    from mr_ray.data.augment import augment_queries
-
     augment = config.augment
     if augment.rate > 0:
         queries, judgments = augment_queries(queries, judgments, augment.rate, augment.seed, augment.copies)

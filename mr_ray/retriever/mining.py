@@ -25,7 +25,12 @@ import numpy as np
 import pandas as pd
 
 from mr_ray.config import MineConfig
+from mr_ray.embeddings import catalog_vectors
+from mr_ray.labeler.label import label_pairs
+from mr_ray.pipeline import Limit
 from mr_ray.retrieval import build_faiss_index
+from mr_ray.retriever.encoder import embed_dataset, in_blocks
+from mr_ray.retriever.examples import read_frame, training_set
 
 MINED_SOURCE = "mined"
 
@@ -101,8 +106,6 @@ def annotate(mined: pd.DataFrame, grades: pd.DataFrame, unjudged_grade: int | No
 def judge_grades(ctx, judge: Path, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Re-annotate mined pairs with the fine-tuned judge in `judge`, of whichever kind (`mr_ray.labeler.label.label_pairs`:
     Ray Data + vLLM, resumable shards)."""
-    from mr_ray.labeler.label import label_pairs
-
     config = ctx.config.judge
     shards = ctx.run_dir / "cache" / f"mine-shards-{ctx.identity()}"
     judged, failed = label_pairs(
@@ -124,12 +127,6 @@ def annotator(config: MineConfig, judges: list[Path]) -> tuple[str, str]:
 
 def mine_stage(ctx) -> dict:
     """Embed catalog and training queries with the Stage-1 encoder, mine, re-annotate; writes out/mined/."""
-
-    from mr_ray.embeddings import catalog_vectors
-    from mr_ray.pipeline import Limit
-    from mr_ray.retriever.encoder import embed_dataset, in_blocks
-    from mr_ray.retriever.examples import read_frame, training_set
-
     config, encoder = ctx.config.mine, ctx.config.encoder
     model = str(ctx.input("stage1") / "model")
     products, queries, judgments = training_set(ctx.input("prepare"), ctx.config.stage1, Limit.of(ctx.config, "mine.max_queries"), ctx.inputs_of("judgments"))

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from mr_ray.config import Stage1Config, Stage2Config, TrainLoopConfig
+from mr_ray.retriever.encoder import load_encoder
 from mr_ray.retriever.loop import make_optimizer, run_epoch
 from mr_ray.retriever.stage_loss import stage_loss
 from mr_ray.retriever.two_tower import TwoTower
@@ -32,8 +33,6 @@ def train_loop_per_worker(loop: dict) -> None:
     """Ray Train worker: load, resume, train `epochs`, report + checkpoint each epoch."""
     import ray.train
     import ray.train.torch
-
-    from mr_ray.retriever.encoder import load_encoder
 
     config = _worker_config(loop)
     context = ray.train.get_context()

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mr_ray.pipeline import Limit, StageContext
+from mr_ray.retriever.encoder import pretrained_model_path
 from mr_ray.retriever.examples import examples_with_augmentation, read_frame, stage2_examples, training_set
 from mr_ray.retriever.ray_train import train_encoder
+from mr_ray.retriever.sweep import OBJECTIVE, read_best_params, stage2_params, tuned_stage2
 
 
 def checkpoint_storage(ctx: StageContext) -> tuple[Path, str]:
@@ -25,8 +27,6 @@ def mlflow_uri(ctx: StageContext) -> str:
 def stage1_stage(ctx: StageContext) -> dict:
     """Stage 1: label-aware SupCon from the pretrained (or configured) encoder, on every judgments table
     the graph gave it; model at out/model."""
-    from mr_ray.retriever.encoder import pretrained_model_path
-
     config = ctx.config.stage1
     products, queries, judgments = training_set(ctx.input("prepare"), config, Limit.of(ctx.config, "stage1.max_train_queries"), ctx.inputs_of("judgments"))
     examples = examples_with_augmentation(queries, judgments, products, config)
@@ -40,8 +40,6 @@ def stage1_stage(ctx: StageContext) -> dict:
 def stage2_settings(ctx: StageContext) -> tuple:
     """(Stage 2's config, where its tuned settings come from): the sweep's best values when the graph gave
     it the sweep's result, else its own config."""
-    from mr_ray.retriever.sweep import OBJECTIVE, read_best_params, stage2_params, tuned_stage2
-
     config = ctx.config.stage2
     swept = ctx.inputs_of("tuned")
     if not swept:

@@ -22,6 +22,11 @@ import pandas as pd
 from mr_ray.config import SWEPT_STAGE2_FIELDS, EncoderConfig, EvaluateConfig, RunConfig, Stage2Config, SweepConfig
 from mr_ray.evaluate import ScoredSplit, load_split, score_encoder
 from mr_ray.pipeline import Limit, config_section
+from mr_ray.retriever.encoder import encode, load_encoder, resolve_precision
+from mr_ray.retriever.examples import iter_frames, read_frame, stage2_examples
+from mr_ray.retriever.loop import make_optimizer, run_epoch
+from mr_ray.retriever.stage_loss import stage_loss
+from mr_ray.retriever.two_tower import TwoTower
 
 OBJECTIVE = "ndcg@10"
 BEST_PARAMS = "best_params.json"
@@ -64,8 +69,6 @@ TRIAL_SCORING = EvaluateConfig(split="dev", recall_k=10, hybrid=False)
 
 def dev_ndcg(model, dev: ScoredSplit, batch_size: int, precision: str) -> float:
     """Dev NDCG@10 of an in-memory encoder, through the one scoring path (mr_ray.evaluate.score_encoder)."""
-    from mr_ray.retriever.encoder import encode
-
     model.eval()
     catalog = encode(model, dev.products["title"].tolist(), batch_size, precision)
     systems, _, _ = score_encoder("trial", dev, model, catalog, TRIAL_SCORING, batch_size, precision)
@@ -76,12 +79,6 @@ def trial(params: dict, *, stage2: dict, epochs: int, encoder: dict, init_model:
     """One Tune trial: train Stage 2 (`stage2`, its config) with `params` for `epochs`, report dev NDCG@10 each epoch."""
     import torch
     from ray import tune
-
-    from mr_ray.retriever.encoder import load_encoder, resolve_precision
-    from mr_ray.retriever.loop import make_optimizer, run_epoch
-    from mr_ray.retriever.examples import iter_frames
-    from mr_ray.retriever.stage_loss import stage_loss
-    from mr_ray.retriever.two_tower import TwoTower
 
     train_config = tuned_stage2(Stage2Config.model_validate(stage2), params)
     encoder_config = EncoderConfig.model_validate(encoder)
@@ -145,8 +142,6 @@ def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: d
 
 def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, labeled: list[Path]) -> dict:
     """Stage 2's training rows (judged, with mined samples) and the dev split the trials are scored on."""
-    from mr_ray.retriever.examples import stage2_examples
-
     sweep = config.sweep
     products, examples, _ = stage2_examples(
         prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined, config.stage2.keep_judged_grades
@@ -158,8 +153,6 @@ def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, la
 
 def sweep_stage(ctx) -> dict:
     """Sweep Stage 2 from the Stage-1 encoder on dev; writes best_params.json, which `stage2` trains with."""
-    from mr_ray.retriever.examples import read_frame
-
     config = ctx.config
     mined = read_frame(ctx.input("mine"), "mined") if config.stage2.use_mined else None
     data = sweep_data(ctx.input("prepare"), config, mined, ctx.inputs_of("judgments"))
