@@ -304,6 +304,11 @@ class SweepConfig(Strict):
     epochs: int = Field(2, ge=1, description="ASHA max_t: epochs per trial")
     max_train_queries: int | None = Field(None, ge=1, description="trials train on a seeded subset of the train queries; None = all")
     max_dev_queries: int | None = Field(None, ge=1, description="trials are scored on a seeded subset of the dev queries; None = all")
+    max_dev_products: int | None = Field(
+        None, ge=1,
+        description="trials search a catalog of the scored dev queries' judged products plus a seeded sample of "
+        "the rest, this many in all (each trial embeds it once); None = the whole catalog",
+    )
     seed: int = 0
 
 

@@ -7,7 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 WORKERS="${MR_RAY_TEST_WORKERS:-2}"
+# Arguments (test files, -k, ...) go to pytest as given; none means the whole suite.
+(( $# )) || set -- tests
 if [[ "$WORKERS" == 1 ]]; then
-  exec "$ROOT/.venv/bin/python" -m pytest tests "$@"
+  exec "$ROOT/.venv/bin/python" -m pytest "$@"
 fi
-exec "$ROOT/.venv/bin/python" -m pytest tests -n "$WORKERS" --dist loadfile "$@"
+exec "$ROOT/.venv/bin/python" -m pytest -n "$WORKERS" --dist loadfile "$@"

@@ -80,3 +80,20 @@ def test_bm25_stems_titles_and_queries_alike_and_keeps_its_analyzer_when_saved(t
 def test_an_unknown_stemmer_is_a_config_error():
     with pytest.raises(ValueError, match="unknown stemmer 'klingon'"):
         LexicalConfig(stemmer="klingon")
+
+
+def test_the_sweeps_trial_catalog_keeps_every_judged_product_and_samples_the_rest():
+    from mr_ray.evaluate import ScoredSplit
+    from mr_ray.pipeline import Limit
+    from mr_ray.retriever.sweep import trial_catalog
+
+    products = pd.DataFrame({"product_id": [f"p{i}" for i in range(100)], "title": [f"t{i}" for i in range(100)]})
+    pairs = pd.DataFrame({"query_id": ["q1", "q1", "q2"], "product_id": ["p3", "p97", "p50"], "grade": [2, 0, 1]})
+    split = ScoredSplit(products, pd.DataFrame({"query_id": ["q1", "q2"], "text": ["a", "b"]}), pairs, pairs)
+    small = trial_catalog(split, Limit("sweep.max_dev_products", 10), seed=0)
+    ids = small.products["product_id"].tolist()
+    assert len(ids) == 10 and {"p3", "p97", "p50"} <= set(ids)
+    assert ids == sorted(ids, key=lambda p: int(p[1:]))  # catalog order kept
+    assert trial_catalog(split, Limit("sweep.max_dev_products", 10), seed=0).products.equals(small.products)  # seeded
+    assert trial_catalog(split, Limit("sweep.max_dev_products", None), seed=0) is split
+    assert trial_catalog(split, Limit("sweep.max_dev_products", 2), seed=0).products["product_id"].tolist() == ["p3", "p50", "p97"]

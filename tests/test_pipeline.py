@@ -247,7 +247,7 @@ def test_library_defaults_take_all_the_data_and_the_sample_job_sets_its_limits()
     defaults, sample = load_config(), load_config(REPO_CONFIGS / "sample.yaml")
     limits = ("judge.finetune.max_examples", "judge.finetune.max_holdout", "judge.label.max_queries", "judge.synthesize.max_products",
               "mine.max_queries", "stage1.max_train_queries", "stage2.max_train_queries", "sweep.max_train_queries",
-              "sweep.max_dev_queries", "evaluate.max_queries")
+              "sweep.max_dev_queries", "sweep.max_dev_products", "evaluate.max_queries")
     assert {name: Limit.of(defaults, name).value for name in limits} == dict.fromkeys(limits)
     assert load_config(None, {"judge.kind": "causal_lm"}).judge.finetune.max_examples is None
     assert {name: Limit.of(sample, name).value for name in limits if Limit.of(sample, name).value is not None} == {

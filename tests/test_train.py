@@ -118,7 +118,7 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
             "stage2": {"max_train_queries": 16, **TINY_TRAIN},
             "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2, "max_queries": 16},
             # values unlike Stage 2's own (scale 32, margins 0.25, temperature 0.05), its first trial: the trained params show which won
-            "sweep": {"trials": 2, "epochs": 2, "max_train_queries": 8, "max_dev_queries": 8,
+            "sweep": {"trials": 2, "epochs": 2, "max_train_queries": 8, "max_dev_queries": 8, "max_dev_products": 120,
                       "temperatures": [0.07, 0.1], "margins": [0.2, 0.3], "scales": [16.0, 24.0]},
         },
     )
@@ -143,7 +143,8 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
     assert f"[mr-ray] stage stage1: {note}" in log
     assert read_manifest(tmp_path / "stage1")["metrics"]["limits"] == [note]
     assert read_manifest(tmp_path / "sweep")["metrics"]["limits"] == [
-        f"8 of {n_train} train queries (sweep.max_train_queries)", f"8 of {n_dev} dev queries (sweep.max_dev_queries)"]
+        f"8 of {n_train} train queries (sweep.max_train_queries)", f"8 of {n_dev} dev queries (sweep.max_dev_queries)",
+        "120 of 200 products in the trials' catalog (sweep.max_dev_products)"]
 
     best = json.loads((tmp_path / "sweep" / "best_params.json").read_text())
     params = best["params"]

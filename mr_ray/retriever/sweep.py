@@ -14,6 +14,7 @@ trial), is an input of `stage2`, which trains with those values
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 
 from mr_ray.config import SWEPT_STAGE2_FIELDS, EncoderConfig, EvaluateConfig, RunConfig, Stage2Config, SweepConfig
 from mr_ray.evaluate import ScoredSplit, load_split, score_encoder
-from mr_ray.pipeline import Limit, config_section
+from mr_ray.pipeline import Limit, config_section, note_limit
 from mr_ray.retriever.encoder import encode, load_encoder, resolve_precision
 from mr_ray.retriever.examples import iter_frames, read_frame, stage2_examples
 from mr_ray.retriever.loop import make_optimizer, run_epoch
@@ -148,7 +149,22 @@ def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, la
     )
     scoring = TRIAL_SCORING.model_copy(update={"max_queries": sweep.max_dev_queries, "seed": sweep.seed})
     dev = load_split(prepared, scoring, products=products[["product_id", "title"]], limit_setting="sweep.max_dev_queries")
-    return {"examples": examples, "dev": dev}
+    return {"examples": examples, "dev": trial_catalog(dev, Limit.of(config, "sweep.max_dev_products"), sweep.seed)}
+
+
+def trial_catalog(dev: ScoredSplit, limit: Limit, seed: int) -> ScoredSplit:
+    """The split with a catalog of at most `limit` products: every product judged for its queries (all the
+    graded truth stays) plus a seeded sample of the rest as distractors. Trials only rank settings against
+    each other, so a smaller catalog serves them as well as the whole one at a fraction of the embedding."""
+    products = dev.products
+    if limit.value is None or len(products) <= limit.value:
+        return dev
+    judged = products["product_id"].isin(set(dev.pairs["product_id"])).to_numpy()
+    rest = np.flatnonzero(~judged)
+    extra = np.random.default_rng(seed).choice(rest, size=max(0, min(len(rest), limit.value - int(judged.sum()))), replace=False)
+    keep = np.sort(np.concatenate([np.flatnonzero(judged), extra]))
+    note_limit(limit, len(keep), len(products), "products in the trials' catalog")
+    return replace(dev, products=products.iloc[keep].reset_index(drop=True))
 
 
 def sweep_stage(ctx) -> dict:
