@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mr_ray.config import EncoderConfig
-from mr_ray.index.build import shard_bounds, write_shard
-from mr_ray.index.shards import ShardIndex, search_shards
-from mr_ray.retrieval import build_faiss_index
 from mr_ray.retriever.encoder import embed_dataset
+from mr_ray.search.build import shard_bounds, write_shard
+from mr_ray.search.retrieval import build_faiss_index
+from mr_ray.search.shards import ShardIndex, search_shards
 
 CHOICES = (
     ("Flat", ""),

@@ -35,7 +35,7 @@ from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.labeler.finetune import balanced_subsample
 from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.label import label_pairs
-from mr_ray.labeler.report import judge_metrics
+from mr_ray.metrics import judge_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "homedepot"
 ROWS = ("majority", "zero_shot_llm", "finetuned_llm", "cross_encoder")

@@ -21,7 +21,7 @@ figures on the same pairs, each engine started once and its start reported apart
   `--cross-encoder-batch-size`, torch's default threads; timed before and after the vLLM runs (the
   machine is shared; ratios are against the mean of the two);
 - vLLM direct: `LLM.classify` on the engine rows (token ids + where token type 1 starts), no Ray, in a
-  child process with the library's CPU engine environment (`label.cpu_engine_env`);
+  child process with the library's CPU engine environment (`engine.cpu_engine_env`);
 - Ray Data + vLLM: `cross_encoder.classify_processor` (what `label_pairs` runs): start-up = time to the
   first finished batch, steady state = the pairs after it over the time after it, and end to end.
 
@@ -43,10 +43,16 @@ import torch
 from mr_ray.config import JudgeEngineConfig, SampleConfig
 from mr_ray.data.sample import generate_sample
 from mr_ray.labeler import cross_encoder
+from mr_ray.labeler.engine import cpu_engine_env
 from mr_ray.labeler.finetune import PrefixScorer
-from mr_ray.labeler.label import cpu_engine_env, label_pairs, pair_texts, render_prompts
+from mr_ray.labeler.label import label_pairs
 from mr_ray.labeler.model import base_model_folder
-from mr_ray.labeler.prompt import chat_frame, grade_token_ids
+from mr_ray.labeler.prompt import (
+    chat_frame,
+    grade_token_ids,
+    pair_texts,
+    render_prompts,
+)
 
 
 def transformers_plain(model, tokenizer, prompts: list[str], batch_size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 prepared dataset: the numbers behind the README's stemmed-index table. Tune on dev; report on test.
 
 One line per setting: NDCG@10, exact Recall@100 and P@10 (`mr_ray.evaluate.evaluate_retrieval`) of
-`mr_ray.retrieval.lexical_search` over every product title, and the seconds it took (index and search).
+`mr_ray.search.retrieval.lexical_search` over every product title, and the seconds it took (index and search).
 
     python bench/lexical_grid.py --prepared runs/homedepot/prepare --split dev
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 from mr_ray.config import EvaluateConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.evaluate import eval_queries, evaluate_retrieval, truth_table
-from mr_ray.retrieval import LexicalIndex, lexical_search
+from mr_ray.search.retrieval import LexicalIndex, lexical_search
 
 SHOWN = ("ndcg@10", "recall@100_exact", "precision@10_exact")
 

@@ -10,8 +10,13 @@ import os
 from fastapi import FastAPI
 from sentence_transformers import SentenceTransformer
 
-from mr_ray.index.shards import index_encoder_path, open_shards, read_index_manifest, search_shards
 from mr_ray.retriever.encoder import pretrained_model_path
+from mr_ray.search.shards import (
+    index_encoder_path,
+    open_shards,
+    read_index_manifest,
+    search_shards,
+)
 
 INDEX_DIR = os.environ["MR_RAY_INDEX_DIR"]
 manifest = read_index_manifest(INDEX_DIR)

@@ -32,8 +32,13 @@ import numpy as np
 import requests
 
 from mr_ray.cluster import use_serve_environment
-from mr_ray.index.shards import index_encoder_path, open_shards, read_index_manifest, search_shards
 from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.search.shards import (
+    index_encoder_path,
+    open_shards,
+    read_index_manifest,
+    search_shards,
+)
 from mr_ray.serve.ports import free_port
 
 LEVELS = (1, 8, 32)

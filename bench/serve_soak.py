@@ -41,8 +41,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import psutil
-
-from serve_latency import load_queries, wait_healthy  # bench/ is on sys.path when run as a script
+from serve_latency import (  # bench/ is on sys.path when run as a script
+    load_queries,
+    wait_healthy,
+)
 
 from mr_ray.cluster import use_serve_environment
 from mr_ray.serve.ports import free_port

@@ -30,13 +30,12 @@ def main() -> None:
 
     import ray
 
-    from mr_ray.retriever.st_baseline import exact_pairs, train_mnrl
-
     from mr_ray.config import SampleConfig, Stage1Config
     from mr_ray.data.sample import generate_sample
     from mr_ray.retriever.encoder import pretrained_model_path
     from mr_ray.retriever.examples import build_examples
     from mr_ray.retriever.ray_train import train_encoder
+    from mr_ray.retriever.st_baseline import exact_pairs, train_mnrl
 
     tables = generate_sample(SampleConfig(n_products=3000, n_queries=args.queries, seed=0))
     queries = tables["queries"][tables["queries"]["split"] == "train"]

@@ -2,7 +2,8 @@
 
 Bad input (a data file, a config, an output folder that would lose something)
 is one `error: ...` line on stderr and exit status 2; a traceback means a bug,
-and `mr-ray --debug ...` shows it for bad input too.
+and `mr-ray --debug ...` shows it for bad input too. A command imports the modules that pull in torch,
+Ray Data or Serve when it runs, so `mr-ray --help` and a refused option answer at once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import typer
 from typer.core import TyperGroup
 
 from mr_ray.cluster import init_ray
-from mr_ray.config import ConfigError, load_config
-from mr_ray.outputs import OutputRefused
-from mr_ray.pipeline import RunFolderError
+from mr_ray.config import ConfigError, DataConfig, load_config, validated
+from mr_ray.outputs import MANIFEST, OutputRefused, placed_output
+from mr_ray.pipeline import RunFolderError, check_asked, run_pipeline
 from mr_ray.schema import DataError
 
 BAD_INPUT = (DataError, ConfigError, OutputRefused, RunFolderError)
@@ -64,7 +65,6 @@ def run(
     address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)"),
 ):
     """Run the run's stage graph (which stages follow the config and the data); stages whose manifest matches are skipped."""
-    from mr_ray.pipeline import run_pipeline
 
     cfg = load_config(config)
     init_ray(address)
@@ -81,7 +81,6 @@ def stage(
 ):
     """Run one stage of the run's graph with the inputs the graph gives it (they must already be in the run
     folder); a stage the graph leaves out (e.g. audit without engagement data) is an error saying why."""
-    from mr_ray.pipeline import check_asked, run_pipeline
 
     cfg = load_config(config)
     check_asked(cfg, run_dir, [name])  # before Ray starts
@@ -101,10 +100,8 @@ def import_data(
     """Import a dataset into the canonical Parquet layout (validated; nothing partial is written).
 
     --out must be new, empty, or a previous `data import` output (which is replaced)."""
-    from mr_ray.config import DataConfig, validated
     from mr_ray.data.importers import check_references
     from mr_ray.data.prepare import load_source, write_tables
-    from mr_ray.outputs import MANIFEST, placed_output
 
     cfg = validated(DataConfig, {"source": source, "path": path}, "invalid options")
     with placed_output(out, IMPORT_KIND, cfg.paths().values()) as tmp:
@@ -147,9 +144,9 @@ def evaluate_cmd(
     """Evaluate BM25, the pretrained encoder and any given encoders on a prepared dataset.
 
     --out must be new, empty, or a previous `evaluate` output (which is replaced)."""
-    from mr_ray.evaluate import evaluate_systems, render_report
-    from mr_ray.outputs import MANIFEST, placed_output
-    from mr_ray.report_page import render_report_html
+    from mr_ray.evaluate import evaluate_systems
+    from mr_ray.report.html import render_report_html
+    from mr_ray.report.markdown import render_report
     from mr_ray.retriever.encoder import pretrained_model_path
 
     cfg = load_config(config, overrides={"evaluate.split": split})
@@ -179,7 +176,8 @@ def judge_eval(
     address: Optional[str] = typer.Option(None),
 ):
     """Label a split's human-judged pairs with the judge (Ray Data + vLLM); print the confusion matrix and metrics."""
-    from mr_ray.labeler.report import evaluate_judge, metrics_text
+    from mr_ray.labeler.label import evaluate_judge
+    from mr_ray.report.markdown import metrics_text
 
     if split not in ("train", "dev", "test"):
         raise ConfigError(f"--split: {split!r} is not one of train, dev, test")

@@ -11,12 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -102,7 +109,7 @@ class EvaluateConfig(Strict):
 
 
 class LexicalConfig(Strict):
-    """The BM25 index over product titles (mr_ray.retrieval.LexicalIndex): its analyzer and parameters."""
+    """The BM25 index over product titles (mr_ray.search.retrieval.LexicalIndex): its analyzer and parameters."""
 
     stemmer: str | None = Field(
         "english",
@@ -123,7 +130,7 @@ class LexicalConfig(Strict):
 
 
 class IndexConfig(Strict):
-    """The sharded FAISS index of the catalog and the grade thresholds (mr_ray.index)."""
+    """The sharded FAISS index of the catalog and the grade thresholds (mr_ray.search)."""
 
     factory: str = Field("Flat", description="faiss.index_factory string: Flat, HNSW32, IVF256,Flat, IVF256,PQ32 ...")
     search_params: str = Field("", description="faiss.ParameterSpace string applied at search time, e.g. nprobe=16")

@@ -10,16 +10,13 @@ vectors.
 An entry is a folder `<cache>/embeddings/<key>/`: `ids.parquet` (product ids in catalog order),
 `vectors.npy` (float32, read memory-mapped) and `key.json` (what the key was made of). It is written
 under a temporary name and renamed into place, so a killed run leaves no half-written entry. The cache
-folder is `$MR_RAY_CACHE`, else `~/.cache/mr-ray`.
+folder is `mr_ray.cache.cache_root()`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +25,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mr_ray.cache import cache_entry, cache_root
 from mr_ray.config import EncoderConfig, section_hash
 from mr_ray.pipeline import note_embedding, tree_hash
-from mr_ray.retriever.encoder import embed_dataset, in_blocks, pretrained_model_path, resolve_precision
+from mr_ray.retriever.encoder import (
+    embed_dataset,
+    in_blocks,
+    pretrained_model_path,
+    resolve_precision,
+)
 
 TEXT_FIELD = "title"
-
-
-def cache_root() -> Path:
-    """Where content-addressed work shared across stages and runs lives: $MR_RAY_CACHE, else ~/.cache/mr-ray."""
-    return Path(os.environ.get("MR_RAY_CACHE") or Path.home() / ".cache" / "mr-ray").resolve()
 
 
 @dataclass(frozen=True)
@@ -96,23 +94,8 @@ def read_entry(folder: Path, products: pd.DataFrame) -> CatalogVectors | None:
 
 
 def write_entry(folder: Path, key: dict, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Write an entry under a temporary name and rename it into place. An entry already there that could not be
-    read (damaged) is replaced; a readable one another process just wrote is kept."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = folder.parent / f".tmp-{folder.name}-{tag}", folder.parent / f".old-{folder.name}-{tag}"
-    tmp.mkdir()
-    try:
+    """Place an entry (`cache.cache_entry`): a readable one another process just wrote is kept, a damaged one replaced."""
+    with cache_entry(folder, lambda placed: read_entry(placed, pd.DataFrame({"product_id": ids})) is not None) as tmp:
         pq.write_table(pa.table({"product_id": ids}), tmp / "ids.parquet")
         np.save(tmp / "vectors.npy", np.ascontiguousarray(vectors, dtype=np.float32))
         (tmp / "key.json").write_text(json.dumps(key, indent=2))
-        if folder.is_dir() and read_entry(folder, pd.DataFrame({"product_id": ids})) is None:
-            os.rename(folder, old)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,6 @@ all score through these two, so a number means the same wherever it is printed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,16 +17,25 @@ import pandas as pd
 from mr_ray.config import EncoderConfig, EvaluateConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.embeddings import catalog_vectors
-from mr_ray.index.fusion import normalise_lexical, weighted_fusion
-from mr_ray.index.shards import ShardIndex, search_shards_both
-from mr_ray.index.thresholds import choose_fusion_weight
-from mr_ray.labeler.report import judge_report
 from mr_ray.metrics import PER_QUERY_NDCG, evaluate_retrieval, separation_metrics
-from mr_ray.pipeline import Limit, note_limit, read_manifest
-from mr_ray.report_page import render_report_html
-from mr_ray.retrieval import LexicalIndex, RunDict, build_faiss_index, lexical_search, pair_scores, run_from_rows
-from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path, resolve_precision
-from mr_ray.retriever.st_baseline import st_baseline
+from mr_ray.pipeline import Limit, note_limit
+from mr_ray.report.plots import plot_histograms
+from mr_ray.retriever.encoder import (
+    encode,
+    load_encoder,
+    resolve_precision,
+)
+from mr_ray.search.fusion import normalise_lexical, weighted_fusion
+from mr_ray.search.retrieval import (
+    LexicalIndex,
+    RunDict,
+    build_faiss_index,
+    lexical_search,
+    pair_scores,
+    run_from_rows,
+)
+from mr_ray.search.shards import ShardIndex, search_shards_both
+from mr_ray.search.thresholds import choose_fusion_weight
 
 
 def judged_pairs(prepared: Path, query_ids: set[str]) -> pd.DataFrame:
@@ -231,27 +239,6 @@ def evaluate_systems(
     return result
 
 
-def plot_histograms(cosines_by_system: dict[str, np.ndarray], grades: np.ndarray, path: Path) -> None:
-    """One panel per encoder: cosine histograms of the judged pairs per grade."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(cosines_by_system), figsize=(4.5 * len(cosines_by_system), 3.4), squeeze=False)
-    for ax, (name, cosines) in zip(axes[0], cosines_by_system.items()):
-        for grade, label, color in ((0, "irrelevant", "tab:red"), (1, "partial", "tab:orange"), (2, "exact", "tab:green")):
-            if (grades == grade).any():
-                ax.hist(cosines[grades == grade], bins=40, range=(-0.2, 1.0), alpha=0.55, density=True, label=label, color=color)
-        ax.set_title(name)
-        ax.set_xlabel("cosine similarity")
-    axes[0][0].set_ylabel("density")
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def ndcg_by_phenomenon(per_query: dict[str, dict[str, float]], queries: pd.DataFrame) -> dict[str, dict]:
     """Mean NDCG@k of every system on the queries of each phenomenon (the queries' optional `phenomenon`
     tag), from each system's per-query NDCG ({system: {query_id: NDCG}}, `evaluate_retrieval`'s
@@ -266,116 +253,3 @@ def ndcg_by_phenomenon(per_query: dict[str, dict[str, float]], queries: pd.DataF
             values = [scores[q] for q in groups[phenomenon] if q in scores]
             table[phenomenon][name] = float(np.mean(values)) if values else None
     return table
-
-
-def render_phenomena(phenomena: dict[str, dict]) -> str:
-    """Markdown table of `ndcg_by_phenomenon`: a row per phenomenon, a column per system."""
-    systems = [name for name in next(iter(phenomena.values())) if name != "n_queries"]
-    lines = [
-        "## NDCG by query phenomenon",
-        "",
-        "| phenomenon | queries | " + " | ".join(systems) + " |",
-        "|---|---|" + "---|" * len(systems),
-    ]
-    for phenomenon, row in phenomena.items():
-        cells = [f"{row[name]:.4f}" if row.get(name) is not None else "-" for name in systems]
-        lines.append(f"| {phenomenon} | {row['n_queries']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# The method's steps in order, each compared with the row before it; then the method against the baselines.
-STAGE_STEPS = (("stage1", "pretrained"), ("stage2", "stage1"), ("stage2", "bm25"), ("stage2", "st-mnrl"))
-
-
-def render_stage_gains(systems: dict[str, dict]) -> str:
-    """What each stage added: relative NDCG@10 and the change of AUC(2 over 1), for the steps whose rows are present."""
-    lines = ["## What each stage added", ""]
-    for after, before in STAGE_STEPS:
-        if after in systems and before in systems and systems[before].get("ndcg@10"):
-            a, b = systems[after], systems[before]
-            line = f"- {after} over {before}: NDCG@10 {b['ndcg@10']:.4f} -> {a['ndcg@10']:.4f} ({a['ndcg@10'] / b['ndcg@10'] - 1:+.1%})"
-            if a.get("auc_2_over_1") is not None and b.get("auc_2_over_1") is not None:
-                line += f", AUC(2 over 1) {b['auc_2_over_1']:.4f} -> {a['auc_2_over_1']:.4f}"
-            lines.append(line)
-    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
-
-
-def render_report(result: dict, title: str) -> str:
-    """Markdown table of the systems."""
-    columns = ["ndcg@10", "recall@100_exact", "precision@10_exact", "mean_cos_grade2", "mean_cos_grade1", "mean_cos_grade0", "auc_2_over_1", "auc_1_over_0"]
-    lines = [
-        f"# {title}",
-        "",
-        f"Split `{result['split']}`: {result['n_eval_queries']} queries, full-catalog retrieval; "
-        f"{result['n_judged_pairs']} judged pairs for score separation. NDCG uses graded gains "
-        "(exact 2, partial 1); recall and precision count exact items only.",
-        "",
-        "| system | " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for name, metrics in result["systems"].items():
-        cells = [f"{metrics[c]:.4f}" if isinstance(metrics.get(c), float) else "-" for c in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", render_stage_gains(result["systems"])]
-    if result.get("phenomena"):
-        lines += ["", render_phenomena(result["phenomena"])]
-    return "\n".join(lines) + "\n"
-
-
-def loss_histories(ctx) -> dict[str, list[dict]]:
-    """Per training stage among the inputs, its per-epoch metrics (epoch, loss) from its manifest."""
-    out = {}
-    for name in ctx.stage.inputs:
-        history = ((read_manifest(ctx.input(name)) or {}).get("metrics") or {}).get("history")
-        if history:
-            out[name] = [{"epoch": row["epoch"], "loss": row["loss"]} for row in history if "loss" in row]
-    return out
-
-
-def run_section(ctx) -> tuple[str, dict]:
-    """What the run's graph left out (and why), and the settings each trained encoder's stage recorded it
-    trained with (and where they came from: the sweep or the config)."""
-    by_reason: dict[str, list[str]] = {}
-    for name, why in ctx.left_out.items():
-        by_reason.setdefault(why, []).append(name)
-    lines = [f"{', '.join(names)}: not run ({why})" for why, names in by_reason.items()]
-    trained_with = {}
-    for folder in ctx.inputs_of("encoder"):
-        settings = read_manifest(folder)["metrics"].get("trained_with")
-        if settings:
-            trained_with[folder.name] = settings
-            values = ", ".join(f"{k} {v}" for k, v in settings["params"].items())
-            lines.append(f"{folder.name} trained with {values}, from {settings['source']}")
-    if not lines:
-        return "", {}
-    markdown = "\n".join(["## This run", "", *(f"- {line}" for line in lines), ""]) + "\n"
-    return markdown, {"not_run": dict(ctx.left_out), "trained_with": trained_with, "summary": lines}
-
-
-def evaluate_stage(ctx) -> dict:
-    """Evaluate the baselines and every trained encoder the graph gave the stage."""
-    models: dict[str, str | None] = {}
-    if "pretrained" in ctx.config.evaluate.baselines:
-        models["pretrained"] = pretrained_model_path()
-    if "st-mnrl" in ctx.config.evaluate.baselines:
-        model, stats = st_baseline(
-            ctx.input("prepare"), ctx.config.encoder.model, ctx.config.encoder.max_seq_length, ctx.config.stage1.seed,
-            Limit.of(ctx.config, "stage1.max_train_queries"),
-        )
-        (ctx.out / "st-mnrl").mkdir()
-        (ctx.out / "st-mnrl" / "training.json").write_text(json.dumps({**stats, "model": str(model)}, indent=2))
-        models["st-mnrl"] = str(model)
-    for folder in ctx.inputs_of("encoder"):
-        models[folder.name] = str(folder / "model")
-    result = evaluate_systems(ctx.input("prepare"), models, ctx.config.evaluate, ctx.config.encoder, ctx.config.lexical, ctx.out / "similarity_hist.png")
-    run_markdown, run_numbers = run_section(ctx)
-    judge_markdown, judge_numbers = judge_report(ctx)  # the judge section, when the judge stages ran
-    numbers = {**result, **({"run": run_numbers} if run_numbers else {}), **({"judge": judge_numbers} if judge_numbers else {})}
-    (ctx.out / "report.json").write_text(json.dumps(numbers, indent=2))
-    (ctx.out / "report.md").write_text(
-        render_report(result, f"mr-ray evaluation: {ctx.config.name}") + "\n![similarity histograms](similarity_hist.png)\n\n" + run_markdown + judge_markdown
-    )
-    (ctx.out / "report.html").write_text(
-        render_report_html({**result, "judge": judge_numbers, "run": run_numbers}, f"mr-ray evaluation: {ctx.config.name}", loss_histories(ctx), ctx.out / "similarity_hist.png")
-    )
-    return {name: {k: v for k, v in m.items() if k in ("ndcg@10", "auc_2_over_1")} for name, m in result["systems"].items()}

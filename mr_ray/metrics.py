@@ -7,6 +7,10 @@ Retrieval metrics come from `ranx`:
 Unjudged products count as grade 0. Score separation uses the judged pairs:
 mean score per grade and the AUCs of grade 2 over grade 1 and grade 1 over
 grade 0 (sklearn's ROC AUC), the quantities a search team thresholds on.
+
+A judge is scored from its per-grade probabilities (`judge_metrics`): the grade is their argmax, the
+ranking score the expected grade sum_g g*p_g (what reranking and the AUCs use), the expected rating
+1 + that (Home Depot's 1..3 scale).
 """
 
 from __future__ import annotations
@@ -14,10 +18,16 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from ranx import Qrels, Run, evaluate
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+    roc_auc_score,
+)
 
 from mr_ray.config import EvaluateConfig
-from mr_ray.retrieval import RunDict
+from mr_ray.search.retrieval import RunDict
 
 PER_QUERY_NDCG = "ndcg_per_query"  # evaluate_retrieval's {query_id: NDCG} (ranx), for the per-query tables
 
@@ -67,3 +77,52 @@ def separation_metrics(grades: np.ndarray, cosines: np.ndarray) -> dict:
         labels = grades[mask] == hi
         out[f"auc_{hi}_over_{lo}"] = float(roc_auc_score(labels, cosines[mask])) if 0 < labels.sum() < len(labels) else None
     return out
+
+
+GRADES = [0, 1, 2]
+
+
+def _auc(truth: np.ndarray, score: np.ndarray, upper: int) -> float | None:
+    """AUC of grade `upper` over grade `upper - 1` by `score` (None when either grade is absent)."""
+    keep = (truth == upper) | (truth == upper - 1)
+    if len(np.unique(truth[keep])) < 2:
+        return None
+    return float(roc_auc_score(truth[keep] == upper, score[keep]))
+
+
+def judge_metrics(truth, probabilities: np.ndarray, rating_mean=None) -> dict:
+    """Accuracy, within-one, macro-F1, per-grade recall, confusion matrix (rows true, columns predicted),
+    AUC(2 over 1), AUC(1 over 0) and, where `rating_mean` is given, the RMSE of the expected rating."""
+    truth = np.asarray(truth, dtype=int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    predicted = probabilities.argmax(axis=1)
+    expected = probabilities @ np.array(GRADES, dtype=float)
+    recall = recall_score(truth, predicted, labels=GRADES, average=None, zero_division=0)
+    metrics = {
+        "pairs": int(len(truth)),
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "within_one": float(np.mean(np.abs(predicted - truth) <= 1)),
+        "macro_f1": float(f1_score(truth, predicted, labels=GRADES, average="macro", zero_division=0)),
+        "recall": {g: float(r) for g, r in zip(GRADES, recall)},
+        "auc_2_over_1": _auc(truth, expected, 2),
+        "auc_1_over_0": _auc(truth, expected, 1),
+        "confusion": confusion_matrix(truth, predicted, labels=GRADES).tolist(),
+        "predicted_counts": np.bincount(predicted, minlength=3).tolist(),
+    }
+    if rating_mean is not None:
+        rating = np.asarray(rating_mean, dtype=float)
+        has = ~np.isnan(rating)
+        metrics["rmse_expected_rating"] = float(np.sqrt(np.mean((1.0 + expected[has] - rating[has]) ** 2))) if has.any() else None
+    return metrics
+
+
+def label_error(judgments: pd.DataFrame | None, gold: pd.DataFrame) -> tuple[float | None, int]:
+    """Share of pairs whose grade differs from gold (over the pairs in both), and that count."""
+    if judgments is None or judgments.empty:
+        return None, 0
+    merged = judgments[["query_id", "product_id", "grade"]].merge(
+        gold[["query_id", "product_id", "grade"]].rename(columns={"grade": "gold"}), on=["query_id", "product_id"]
+    )
+    if merged.empty:
+        return None, 0
+    return float((merged["grade"].astype(int) != merged["gold"].astype(int)).mean()), int(len(merged))

@@ -54,20 +54,20 @@ class Stage:
 # it reads (all it can read: StageContext.config is a ConfigView of them). A run's graph (`stage_graph`) keeps the stages its config and data call for, and of each
 # stage's inputs the ones it kept.
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", "mr_ray.data.prepare:prepare_stage", (), ("data",)),
-    Stage("judge_finetune", "mr_ray.labeler.stages:judge_finetune_stage", ("prepare",), ("judge.kind", "judge.model", "judge.finetune"), provides="judge"),
-    Stage("label", "mr_ray.labeler.stages:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label"), provides="judgments"),
-    Stage("audit", "mr_ray.labeler.stages:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit"), provides="judgments"),
-    Stage("synthesize", "mr_ray.labeler.stages:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize"), provides="judgments"),
-    Stage("stage1", "mr_ray.retriever.stages:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder.model", "encoder.max_seq_length", "stage1"), provides="encoder"),
-    Stage("mine", "mr_ray.retriever.mining:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
-    Stage("sweep", "mr_ray.retriever.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"),
+    Stage("prepare", "mr_ray.stages.prepare:prepare_stage", (), ("data",)),
+    Stage("judge_finetune", "mr_ray.stages.judge:judge_finetune_stage", ("prepare",), ("judge.kind", "judge.model", "judge.finetune"), provides="judge"),
+    Stage("label", "mr_ray.stages.judge:label_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label"), provides="judgments"),
+    Stage("audit", "mr_ray.stages.judge:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit"), provides="judgments"),
+    Stage("synthesize", "mr_ray.stages.judge:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize"), provides="judgments"),
+    Stage("stage1", "mr_ray.stages.train:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder.model", "encoder.max_seq_length", "stage1"), provides="encoder"),
+    Stage("mine", "mr_ray.stages.mine:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
+    Stage("sweep", "mr_ray.stages.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"),
           ("encoder", "stage1", *(f"stage2.{name}" for name in SWEPT_STAGE2_FIELDS), "sweep"), provides="tuned"),
-    Stage("stage2", "mr_ray.retriever.stages:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep"), ("encoder.max_seq_length", "stage1", "stage2"), provides="encoder"),
+    Stage("stage2", "mr_ray.stages.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep"), ("encoder.max_seq_length", "stage1", "stage2"), provides="encoder"),
     # evaluate: `name` titles the report; `stage1.seed` and `stage1.max_train_queries` choose the st-mnrl baseline's train queries
-    Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2"),
+    Stage("evaluate", "mr_ray.stages.evaluate:evaluate_stage", ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2"),
           ("name", "encoder", "evaluate", "lexical", "stage1.seed", "stage1.max_train_queries")),
-    Stage("index", "mr_ray.index.build:index_stage", ("prepare",), ("encoder", "index", "lexical"), optional=("stage1", "stage2")),
+    Stage("index", "mr_ray.stages.index:index_stage", ("prepare",), ("encoder", "index", "lexical"), optional=("stage1", "stage2")),
 )
 PROVIDES = {stage.name: stage.provides for stage in STAGES}
 JUDGE_STAGES = ("judge_finetune", "label", "audit", "synthesize")

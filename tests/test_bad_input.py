@@ -9,7 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from mr_ray.config import ConfigError, load_config
-from mr_ray.data.importers import check_references, import_canonical, import_esci, import_homedepot, read_canonical_table
+from mr_ray.data.importers import (
+    check_references,
+    import_canonical,
+    import_esci,
+    import_homedepot,
+    read_canonical_table,
+)
 from mr_ray.schema import DataError
 
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]

@@ -8,10 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mr_ray.cache import cache_root
 from mr_ray.config import EncoderConfig
-from mr_ray.embeddings import cache_root, catalog_vectors
+from mr_ray.embeddings import catalog_vectors
 from mr_ray.pipeline import _EMBEDDINGS
-from mr_ray.retriever.encoder import cpu_has_native_bf16, encode, load_encoder, pretrained_model_path, resolve_precision
+from mr_ray.retriever.encoder import (
+    cpu_has_native_bf16,
+    encode,
+    load_encoder,
+    pretrained_model_path,
+    resolve_precision,
+)
 
 
 @pytest.fixture

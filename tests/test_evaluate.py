@@ -8,7 +8,7 @@ import pytest
 
 from mr_ray.config import EvaluateConfig, LexicalConfig
 from mr_ray.metrics import evaluate_retrieval, separation_metrics
-from mr_ray.retrieval import LexicalIndex, lexical_search
+from mr_ray.search.retrieval import LexicalIndex, lexical_search
 
 
 def judgments(rows):

@@ -1,6 +1,11 @@
 import pytest
 
-from mr_ray.grades import UnknownGradeError, from_esci, from_homedepot_rating, from_wands
+from mr_ray.grades import (
+    UnknownGradeError,
+    from_esci,
+    from_homedepot_rating,
+    from_wands,
+)
 
 
 @pytest.mark.parametrize(

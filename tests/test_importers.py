@@ -8,7 +8,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mr_ray.data.importers import import_canonical, import_esci, import_generic, import_homedepot, import_wands, read_canonical_table
+from mr_ray.data.importers import (
+    import_canonical,
+    import_esci,
+    import_generic,
+    import_homedepot,
+    import_wands,
+    read_canonical_table,
+)
 from mr_ray.schema import DataError, conform
 
 

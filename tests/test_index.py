@@ -9,11 +9,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from mr_ray.config import EncoderConfig, LexicalConfig, load_config
-from mr_ray.index.build import choose_encoder, shard_bounds, write_shard
-from mr_ray.index.shards import ShardIndex, index_encoder_path, merge_hits, open_shards, read_index_manifest
-from mr_ray.index.thresholds import GradeThresholds, calibrate_thresholds, load_retrieval_thresholds
 from mr_ray.pipeline import MANIFEST, run_pipeline
-from mr_ray.retrieval import build_faiss_index
+from mr_ray.search.build import choose_encoder, shard_bounds, write_shard
+from mr_ray.search.retrieval import build_faiss_index
+from mr_ray.search.shards import (
+    ShardIndex,
+    index_encoder_path,
+    merge_hits,
+    open_shards,
+    read_index_manifest,
+)
+from mr_ray.search.thresholds import (
+    GradeThresholds,
+    calibrate_thresholds,
+    load_retrieval_thresholds,
+)
 
 
 def unit_vectors(n, dim=32, seed=0):
@@ -129,7 +139,7 @@ def test_unjudged_random_products_lift_the_exact_cut_above_lookalikes():
 
 def test_calibration_pairs_sample_unjudged_products_as_grade_zero(tmp_path):
     from mr_ray.config import IndexConfig
-    from mr_ray.index.build import UNJUDGED_ASSUMPTION, calibration_pairs
+    from mr_ray.search.build import UNJUDGED_ASSUMPTION, calibration_pairs
 
     products = [f"p{i:02d}" for i in range(50)]
     tables = {
@@ -229,7 +239,7 @@ def test_index_stage_on_the_sample_catalog(ray_local, tmp_path):
 
 
 def test_rrf_on_hand_made_lists():
-    from mr_ray.index.fusion import RRF_K, reciprocal_rank_fusion
+    from mr_ray.search.fusion import RRF_K, reciprocal_rank_fusion
 
     fused = reciprocal_rank_fusion([["a", "b", "c"], ["b", "d"]])
     scores = dict(fused)
@@ -243,7 +253,7 @@ def test_rrf_on_hand_made_lists():
 
 
 def test_weighted_fusion_of_candidates_found_by_one_side_only():
-    from mr_ray.index.fusion import Candidates
+    from mr_ray.search.fusion import Candidates
 
     candidates = Candidates(
         product_ids=np.array(["dense-only", "both", "lexical-only"], dtype=object),
@@ -267,7 +277,7 @@ def test_weighted_fusion_of_candidates_found_by_one_side_only():
 
 
 def test_thresholds_calibrated_on_fused_scores():
-    from mr_ray.index.thresholds import calibrate_retrieval
+    from mr_ray.search.thresholds import calibrate_retrieval
 
     # Cosine alone cannot tell the exact product (0.60) from the partial ones (0.62, 0.58);
     # its title matches the query's words, so the fused score can.

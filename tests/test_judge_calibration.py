@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score, recall_score
 from mr_ray.config import ConfigError, load_config
 from mr_ray.labeler.calibration import adjusted, decision_score, fit_grade_offsets
 from mr_ray.labeler.cross_encoder import fold_grade_offsets
-from mr_ray.labeler.stages import calibration_split
+from mr_ray.stages.judge import calibration_split
 
 
 def skewed_judge(n=3000, skew=(-1.0, 0.0, 1.0), seed=0):

@@ -9,10 +9,21 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mr_ray.config import ConfigError, JudgeEngineConfig, JudgeFinetuneConfig, load_config
+from mr_ray.config import (
+    ConfigError,
+    JudgeEngineConfig,
+    JudgeFinetuneConfig,
+    load_config,
+)
 from mr_ray.labeler import cross_encoder
-from mr_ray.labeler.judge import CausalLMJudge, CrossEncoderJudge, judge_of_kind, judge_of_model
-from mr_ray.labeler.label import label_pairs, pair_texts
+from mr_ray.labeler.judge import (
+    CausalLMJudge,
+    CrossEncoderJudge,
+    judge_of_kind,
+    judge_of_model,
+)
+from mr_ray.labeler.label import label_pairs
+from mr_ray.labeler.prompt import pair_texts
 from mr_ray.schema import conform
 
 ENGINE = JudgeEngineConfig(batch_size=8, max_num_seqs=8, max_model_len=128, kv_cache_gib=1)

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mr_ray.labeler.report import judge_metrics, judge_section, label_error
+from mr_ray.metrics import judge_metrics, label_error
+from mr_ray.report.markdown import judge_section
 
 
 def test_metrics_match_hand_computed_values():

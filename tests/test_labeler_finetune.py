@@ -5,9 +5,21 @@ import pandas as pd
 import pytest
 import torch
 
-from mr_ray.labeler.finetune import GradeTokenLoss, PrefixScorer, balanced_subsample, class_weights, freeze_lower_layers, split_holdout
+from mr_ray.labeler.finetune import (
+    GradeTokenLoss,
+    PrefixScorer,
+    balanced_subsample,
+    class_weights,
+    freeze_lower_layers,
+    split_holdout,
+)
 from mr_ray.labeler.model import base_model_folder, is_model_folder
-from mr_ray.labeler.prompt import chat_frame, grade_token_ids, render_pair, render_prompt
+from mr_ray.labeler.prompt import (
+    chat_frame,
+    grade_token_ids,
+    render_pair,
+    render_prompt,
+)
 
 
 def labels(counts):

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from mr_ray.config import EncoderConfig, EvaluateConfig, LexicalConfig, ServeConfig, load_config
+from mr_ray.config import (
+    EncoderConfig,
+    EvaluateConfig,
+    LexicalConfig,
+    ServeConfig,
+    load_config,
+)
 from mr_ray.pipeline import run_pipeline
 from mr_ray.serve.ports import free_port
 
@@ -146,7 +152,7 @@ def test_report_page_draws_tables_and_charts(browser, sample_run, shots, tmp_pat
     from selenium.webdriver.common.by import By
 
     from mr_ray.evaluate import evaluate_systems
-    from mr_ray.report_page import render_report_html
+    from mr_ray.report.html import render_report_html
 
     result = evaluate_systems(sample_run / "prepare", {"pretrained": None}, EvaluateConfig(), EncoderConfig(), LexicalConfig(), tmp_path / "similarity_hist.png")
     # The judge section and the training stages' histories as the judge stages and stage1/stage2 write them.

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from mr_ray.config import ConfigError, load_config
-from mr_ray.pipeline import Limit, Stage, StageContext, note_limit, read_manifest, run_pipeline, stage_graph
+from mr_ray.pipeline import (
+    Limit,
+    Stage,
+    StageContext,
+    note_limit,
+    read_manifest,
+    run_pipeline,
+    stage_graph,
+)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 CALLS: list[str] = []
@@ -257,13 +265,13 @@ def test_library_defaults_take_all_the_data_and_the_sample_job_sets_its_limits()
 
 
 def test_the_report_says_what_the_graph_left_out_and_where_stage2_settings_came_from(tmp_path):
-    from mr_ray.evaluate import run_section
+    from mr_ray.stages.evaluate import run_section
 
     stage2 = tmp_path / "stage2"
     stage2.mkdir()
     trained_with = {"source": "sweep (best of 2 trials, dev NDCG@10 0.7000)", "params": {"scale": 16.0, "temperature": 0.1}}
     (stage2 / "manifest.json").write_text(json.dumps({"stage": "stage2", "metrics": {"trained_with": trained_with}}))
-    evaluate = Stage("evaluate", "mr_ray.evaluate:evaluate_stage", ("prepare", "stage2"))
+    evaluate = Stage("evaluate", "mr_ray.stages.evaluate:evaluate_stage", ("prepare", "stage2"))
     ctx = StageContext(load_config(), tmp_path, tmp_path, evaluate, {"stage2": stage2}, {"audit": "no engagement table"})
     markdown, numbers = run_section(ctx)
     assert "- audit: not run (no engagement table)" in markdown.splitlines()

@@ -23,8 +23,9 @@ from mr_ray.data.sample import (
     title_name,
     word_query,
 )
-from mr_ray.evaluate import ndcg_by_phenomenon, render_phenomena, render_stage_gains
+from mr_ray.evaluate import ndcg_by_phenomenon
 from mr_ray.metrics import PER_QUERY_NDCG, evaluate_retrieval
+from mr_ray.report.markdown import render_phenomena, render_stage_gains
 
 
 def test_gold_rules():

@@ -17,10 +17,10 @@ import yaml
 
 from mr_ray.cluster import SERVE_ENVIRONMENT
 from mr_ray.config import ServeConfig, load_config
-from mr_ray.index.shards import open_shards, search_shards_both
-from mr_ray.index.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.pipeline import run_pipeline
 from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.search.shards import open_shards, search_shards_both
+from mr_ray.search.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.serve.app import ServeArgs, build_app, serve_run
 from mr_ray.serve.ports import free_port
 

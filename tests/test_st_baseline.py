@@ -8,11 +8,11 @@ import numpy as np
 
 from mr_ray.config import RunConfig
 from mr_ray.data.prepare import load_source, write_tables
-from mr_ray.evaluate import evaluate_stage
 from mr_ray.pipeline import STAGES, StageContext
 from mr_ray.retriever.encoder import encode, load_encoder, pretrained_model_path
-from mr_ray.retriever.st_baseline import exact_pairs, st_baseline
 from mr_ray.retriever.examples import build_examples, training_set
+from mr_ray.retriever.st_baseline import exact_pairs, st_baseline
+from mr_ray.stages.evaluate import evaluate_stage
 
 
 def test_st_mnrl_trains_on_exact_human_pairs_once_and_gets_its_report_row(ray_local, tmp_path, monkeypatch):

@@ -174,8 +174,8 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
 
 def test_without_the_sweep_stage2_trains_with_its_own_config(tmp_path):
     from mr_ray.pipeline import StageContext, stage_graph
-    from mr_ray.retriever.stages import stage2_settings
     from mr_ray.retriever.sweep import BEST_PARAMS
+    from mr_ray.stages.train import stage2_settings
 
     tables = {"products", "queries", "judgments"}
     config = load_config(None, {"sweep": None, "stage2.circle.scale": 20.0})

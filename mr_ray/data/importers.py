@@ -15,7 +15,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mr_ray.data.reading import find_table, list_table_files, read_file, require_columns
-from mr_ray.grades import UnknownGradeError, from_esci, from_homedepot_rating, from_wands
+from mr_ray.grades import (
+    UnknownGradeError,
+    from_esci,
+    from_homedepot_rating,
+    from_wands,
+)
 from mr_ray.schema import (
     JUDGMENTS,
     PRODUCTS,

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mr_ray.config import DataConfig
-from mr_ray.data.importers import IMPORTERS, check_references, import_generic
+from mr_ray.data.importers import IMPORTERS, import_generic
 from mr_ray.data.sample import generate_sample
 from mr_ray.schema import conform, without_origin
 
@@ -54,18 +54,3 @@ def read_table(stage_dir: Path, kind: str) -> pa.Table | None:
     """A canonical table from a prepare output folder, or None if the source had none."""
     folder = Path(stage_dir) / kind
     return pq.read_table(folder) if folder.exists() else None
-
-
-def prepare_stage(ctx) -> dict:
-    tables = load_source(ctx.config.data)
-    check_references(tables, ctx.config.data.path or ctx.config.data.source)
-    counts = write_tables(tables, ctx.out)
-    grades = tables["judgments"].column("grade").to_numpy()
-    splits = tables["queries"].column("split").to_pylist()
-    return {
-        "rows": counts,
-        "judgment_grades": {str(g): int((grades == g).sum()) for g in (0, 1, 2)},
-        "query_splits": {s: splits.count(s) for s in ("train", "dev", "test")},
-    }
-
-

@@ -25,8 +25,10 @@ from torch import nn
 
 from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.grades import GRADE_NAMES
-from mr_ray.labeler.prompt import PromptError, field_text
-from mr_ray.retriever.encoder import resolve_precision
+from mr_ray.labeler.engine import engine_processor
+from mr_ray.labeler.finetune import checkpointed_training, run_trainer
+from mr_ray.labeler.prompt import PromptError, field_text, pair_texts
+from mr_ray.retriever.encoder import pretrained_model_path, resolve_precision
 
 ID2LABEL = {int(grade): name for grade, name in GRADE_NAMES.items()}
 # Product fields after the title, in this order, when present (each as "field: value").
@@ -45,7 +47,6 @@ def is_cross_encoder(model_path: str | Path) -> bool:
 
 def base_model_folder(model: str | None) -> Path:
     """The encoder the judge starts from: `model` (a Hugging Face folder) or the packaged all-MiniLM-L6-v2."""
-    from mr_ray.retriever.encoder import pretrained_model_path
 
     path = Path(model) if model is not None else Path(pretrained_model_path())
     if not (path / "config.json").is_file():
@@ -70,7 +71,7 @@ def product_text(product: dict, fields: tuple[str, ...] = PRODUCT_FIELDS) -> str
 
 
 def pair_strings(pairs: pd.DataFrame, fields: tuple[str, ...] = PRODUCT_FIELDS) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`label.pair_texts` rows -> (query_id, product_id, query, product) and the malformed pairs (with the reason)."""
+    """`prompt.pair_texts` rows -> (query_id, product_id, query, product) and the malformed pairs (with the reason)."""
     rows, bad = [], []
     for record in pairs.to_dict("records"):
         query = record.get("query")
@@ -107,7 +108,6 @@ def soft_targets(grades: np.ndarray, rating_mean: np.ndarray | None) -> np.ndarr
 
 def training_examples(labels: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame, soft: bool = True) -> pd.DataFrame:
     """Human labels -> EXAMPLE_COLUMNS (query and product strings, grade, target t0..t2); unrenderable pairs dropped."""
-    from mr_ray.labeler.label import pair_texts
 
     strings, _ = pair_strings(pair_texts(labels, queries, products))
     extra = ["rating_mean"] if soft and "rating_mean" in labels.columns else []
@@ -171,7 +171,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from transformers import AutoTokenizer
 
-    from mr_ray.labeler.finetune import checkpointed_training
 
     cfg = JudgeFinetuneConfig.model_validate(loop_config["finetune"])
     tokenizer = AutoTokenizer.from_pretrained(loop_config["base_model"])
@@ -201,7 +200,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def finetune_judge(examples: pd.DataFrame, base_model: Path, cfg: JudgeFinetuneConfig, storage_dir: Path, output_dir: Path) -> dict:
     """Run the Ray Train fine-tune; the classifier folder (transformers and vLLM load it) lands in `output_dir`."""
-    from mr_ray.labeler.finetune import run_trainer
 
     return run_trainer(train_loop_per_worker, examples[EXAMPLE_COLUMNS], base_model, cfg, storage_dir, output_dir, "cross-encoder-judge")
 
@@ -244,7 +242,6 @@ def engine_rows(strings: pd.DataFrame, model_path: str | Path) -> pd.DataFrame:
 
 def classify_processor(model_path: str | Path, engine: JudgeEngineConfig):
     """`ray.data.llm` processor (vLLM pooling runner, classify): engine rows -> rows with lp0..lp2 (log-probabilities) or an error."""
-    from mr_ray.labeler.label import engine_processor
 
     def preprocess(row: dict) -> dict:
         return {

@@ -28,7 +28,12 @@ import torch
 from torch import nn
 
 from mr_ray.config import JudgeFinetuneConfig
-from mr_ray.labeler.prompt import chat_frame, grade_token_ids
+from mr_ray.labeler.prompt import (
+    chat_frame,
+    grade_token_ids,
+    pair_texts,
+    render_prompts,
+)
 
 PROMPT_COLUMNS = ["query_id", "product_id", "user", "grade"]
 
@@ -82,7 +87,6 @@ def split_holdout(labels: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.
 
 def training_examples(labels: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> pd.DataFrame:
     """Human labels -> (query_id, product_id, user turn, grade); pairs that cannot be rendered are dropped."""
-    from mr_ray.labeler.label import pair_texts, render_prompts
 
     texts = pair_texts(labels, queries, products)
     prompts, _ = render_prompts(texts, frame=("", ""), variants=1)

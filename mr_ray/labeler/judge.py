@@ -18,8 +18,14 @@ import pandas as pd
 
 from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.labeler import cross_encoder, finetune
+from mr_ray.labeler.engine import judge_processor
 from mr_ray.labeler.model import base_model_folder
-from mr_ray.labeler.prompt import chat_frame, grade_token_ids, normalise_logprobs
+from mr_ray.labeler.prompt import (
+    chat_frame,
+    grade_token_ids,
+    normalise_logprobs,
+    render_prompts,
+)
 
 # Product fields per engine-row variant (variant 0 is what the judge was trained on;
 # the audit's re-judge averages several). The title is always shown.
@@ -40,7 +46,7 @@ class Judge(Protocol):
         """(n, 3) per-grade probabilities of `examples` rows with plain transformers."""
 
     def engine_rows(self, texts: pd.DataFrame, model_path: Path, variants: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """`label.pair_texts` rows -> engine rows (query_id, product_id, variant, payload) and malformed pairs."""
+        """`prompt.pair_texts` rows -> engine rows (query_id, product_id, variant, payload) and malformed pairs."""
 
     def processor(self, model_path: Path, engine: JudgeEngineConfig):
         """The `ray.data.llm` processor: engine rows -> (query_id, product_id, variant, lp0, lp1, lp2, error)."""
@@ -66,14 +72,10 @@ class CausalLMJudge:
     def engine_rows(self, texts, model_path, variants):
         from transformers import AutoTokenizer
 
-        from mr_ray.labeler.label import render_prompts
-
         return render_prompts(texts, chat_frame(AutoTokenizer.from_pretrained(str(model_path))), variants)
 
     def processor(self, model_path, engine):
         from transformers import AutoTokenizer
-
-        from mr_ray.labeler.label import judge_processor
 
         return judge_processor(model_path, engine, grade_token_ids(AutoTokenizer.from_pretrained(str(model_path))))
 

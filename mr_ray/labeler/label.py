@@ -32,133 +32,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mr_ray.config import JudgeEngineConfig
+from mr_ray.labeler.judge import judge_of_model
 from mr_ray.labeler.prompt import (
-    PRODUCT_FIELDS,
-    PromptError,
     grades_from_probabilities,
     normalise_logprobs,
-    render_pair,
-    render_prompt,
+    pair_texts,
 )
+from mr_ray.metrics import judge_metrics
+from mr_ray.schema import DataError
 
-# Prompt variants: which product fields the judge sees. Variant 0 is the
-# prompt the judge was fine-tuned on; the audit's re-judge averages several.
-FIELD_VARIANTS: tuple[tuple[str, ...], ...] = (
-    PRODUCT_FIELDS,
-    ("title",),
-    ("title", "category", "brand", "color"),
-    ("title", "description"),
-)
-ALL_FIELDS = ("title", "brand", "color", "category", "description")
 LABEL_COLUMNS = ["query_id", "product_id", "variant", "lp0", "lp1", "lp2", "error"]
-
-
-def cpu_engine_env(engine: JudgeEngineConfig) -> dict[str, str]:
-    """Environment of a CPU engine. vLLM's default on CPU runs the model in a worker process whose
-    engine core busy-waits for each step's reply, and binds the worker's threads to all cores but one
-    (kept for that spinning core): on 2 cores, one computing thread. In-process, the model gets
-    `cpu_threads` threads, one process fewer starts, and nothing spins (bench/judge_throughput.py)."""
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "OMP_NUM_THREADS": str(engine.cpu_threads),
-    }
-
-
-def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preprocess, postprocess, task_type: str = "generate"):
-    """A `ray.data.llm` vLLM processor over rows that already carry their prompt (text or token ids)."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
-    on_gpu = engine.num_gpus_per_replica > 0
-    bundle = {"GPU": engine.num_gpus_per_replica, "CPU": 1} if on_gpu else {"CPU": 1}
-    config = vLLMEngineProcessorConfig(
-        model_source=str(model_path),
-        task_type=task_type,
-        engine_kwargs={
-            "enforce_eager": not on_gpu,  # CPU: no graph capture
-            "enable_prefix_caching": task_type == "generate",  # the guideline prefix is shared by every prompt
-            "max_model_len": engine.max_model_len,
-            "max_num_seqs": engine.max_num_seqs,
-            "tensor_parallel_size": engine.tensor_parallel_size,
-            "dtype": engine.dtype,
-        },
-        placement_group_config={"bundles": [bundle] * engine.tensor_parallel_size},
-        runtime_env={"env_vars": {} if on_gpu else cpu_engine_env(engine)},
-        batch_size=engine.batch_size,
-        concurrency=engine.concurrency,
-        should_continue_on_error=True,  # a failing row is reported, not fatal
-        log_engine_metrics=False,
-        # Prompts arrive rendered; vLLM tokenizes inside the engine.
-        chat_template_stage=False,
-        tokenize_stage=False,
-        detokenize_stage=False,
-    )
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
-
-
-def judge_processor(model_path: str | Path, engine: JudgeEngineConfig, grade_ids: list[int]):
-    """Processor: rows (query_id, product_id, variant, prompt) -> rows with lp0..lp2 (or an error)."""
-    ids = list(grade_ids)
-
-    def preprocess(row: dict) -> dict:
-        return {
-            "query_id": row["query_id"],
-            "product_id": row["product_id"],
-            "variant": row["variant"],
-            "prompt": row["prompt"],
-            "sampling_params": {"max_tokens": 1, "temperature": 0.0, "logprob_token_ids": ids},
-        }
-
-    def postprocess(row: dict) -> dict:
-        error = row.get("__inference_error__") or ""
-        values = [np.nan] * len(ids)
-        if not error:
-            step = (row.get("logprobs") or [{}])[0] or {}
-            found = {int(token): info for token, info in step.items() if info is not None}
-            missing = [token for token in ids if token not in found]
-            if missing:
-                error = f"engine returned no logprob for grade token(s) {missing}"
-            else:
-                values = [float(found[token]["logprob"]) for token in ids]
-        return {
-            "query_id": row["query_id"],
-            "product_id": row["product_id"],
-            "variant": int(row["variant"]),
-            "lp0": values[0],
-            "lp1": values[1],
-            "lp2": values[2],
-            "error": error,
-        }
-
-    return engine_processor(model_path, engine, preprocess, postprocess)
-
-
-def pair_texts(pairs: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> pd.DataFrame:
-    """Pairs joined with the query text and the product fields (left join: unknown ids stay, as nulls)."""
-    fields = [c for c in ALL_FIELDS if c in products.columns]
-    out = pairs[["query_id", "product_id"]].astype(str)
-    out = out.merge(queries[["query_id", "text"]].rename(columns={"text": "query"}), on="query_id", how="left")
-    return out.merge(products[["product_id", *fields]], on="product_id", how="left")
-
-
-def render_prompts(pairs: pd.DataFrame, frame: tuple[str, str], variants: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Prompt rows (query_id, product_id, variant, prompt) and the malformed pairs (with the reason)."""
-    rows, bad = [], []
-    fields = [c for c in ALL_FIELDS if c in pairs.columns]
-    for record in pairs.to_dict("records"):
-        product = {f: record[f] for f in fields}
-        for variant in range(variants):
-            shown = {f: product.get(f) for f in FIELD_VARIANTS[variant % len(FIELD_VARIANTS)]}
-            try:
-                user = render_pair(record["query"], shown)
-            except PromptError as err:
-                bad.append({"query_id": record["query_id"], "product_id": record["product_id"], "reason": str(err)})
-                break
-            rows.append(
-                {"query_id": record["query_id"], "product_id": record["product_id"], "variant": variant, "prompt": render_prompt(frame, user)}
-            )
-    prompts = pd.DataFrame(rows, columns=["query_id", "product_id", "variant", "prompt"])
-    return prompts, pd.DataFrame(bad, columns=["query_id", "product_id", "reason"]).drop_duplicates()
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -253,8 +136,6 @@ def label_pairs(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Judge (query_id, product_id) pairs with the judge in `model_path` (either kind, told by its folder):
     judgments with grade, p0..p2, confidence; and the malformed/failed pairs."""
-    from mr_ray.labeler.judge import judge_of_model
-
     judge = judge_of_model(model_path)
     prompts, malformed = judge.engine_rows(pair_texts(pairs, queries, products), model_path, variants)
     if len(malformed):
@@ -267,3 +148,32 @@ def label_pairs(
     if len(failed):
         log(f"[label] {len(failed)} engine failure row(s), e.g. {failed.iloc[0].to_dict()}")
     return judgments, pd.concat([malformed, failed], ignore_index=True)
+
+
+def evaluate_judge(model: Path, prepared: Path, split: str, engine, shard_dir: Path, max_pairs: int | None = None, seed: int = 0, log=print) -> dict:
+    """Label the `split` queries' human-judged pairs with the judge in `model` (Ray Data + vLLM) and score it
+    against the human grades (with rating_mean when the table has it) and, on the sample catalog, against gold."""
+
+    def table(name: str) -> pd.DataFrame | None:
+        return pq.read_table(prepared / name).to_pandas() if (prepared / name).exists() else None
+
+    queries, products, judgments = table("queries"), table("products"), table("judgments")
+    if queries is None or products is None or judgments is None:
+        raise DataError("needs queries/, products/ and judgments/ (a prepare or `mr-ray data import` output)", file=str(prepared))
+    if "split" not in queries or not (queries["split"] == split).any():
+        raise DataError(f"no queries of split {split!r}", file=str(prepared / "queries"), field="split")
+    human = judgments[(judgments["source"] == "human") & judgments["query_id"].isin(queries.loc[queries["split"] == split, "query_id"])]
+    if human.empty:
+        raise DataError(f"no human judgments on split {split!r} queries", file=str(prepared / "judgments"))
+    if max_pairs is not None and len(human) > max_pairs:
+        human = human.sample(n=max_pairs, random_state=seed)
+    judged, bad = label_pairs(human[["query_id", "product_id"]], queries, products, model, engine, shard_dir, log=log)
+    merged = human.merge(judged[["query_id", "product_id", "p0", "p1", "p2"]], on=["query_id", "product_id"])
+    result = {"model": str(model), "split": split, "unjudged": int(len(human) - len(merged)),
+              "human": judge_metrics(merged["grade"], merged[["p0", "p1", "p2"]].to_numpy(), merged["rating_mean"] if "rating_mean" in merged else None)}
+    gold = table("gold")
+    if gold is not None:
+        with_gold = merged.merge(gold[["query_id", "product_id", "grade"]].rename(columns={"grade": "gold"}), on=["query_id", "product_id"])
+        result["gold"] = judge_metrics(with_gold["gold"], with_gold[["p0", "p1", "p2"]].to_numpy())
+        result["gold"]["human_accuracy"] = float((with_gold["grade"].astype(int) == with_gold["gold"].astype(int)).mean())
+    return result

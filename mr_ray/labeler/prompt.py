@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 GUIDELINE = """You grade how well a product matches a shopper's search query. Answer with one digit.
 2 = exact: the product is what the query asks for, and every attribute the query states (brand, colour, material, size) matches.
@@ -128,3 +129,42 @@ def grades_from_probabilities(probabilities: np.ndarray) -> tuple[np.ndarray, np
 
 def within_one_accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(predicted, int) - np.asarray(truth, int)) <= 1))
+
+
+# Prompt variants: which product fields the judge sees. Variant 0 is the
+# prompt the judge was fine-tuned on; the audit's re-judge averages several.
+FIELD_VARIANTS: tuple[tuple[str, ...], ...] = (
+    PRODUCT_FIELDS,
+    ("title",),
+    ("title", "category", "brand", "color"),
+    ("title", "description"),
+)
+ALL_FIELDS = ("title", "brand", "color", "category", "description")
+
+
+def pair_texts(pairs: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> pd.DataFrame:
+    """Pairs joined with the query text and the product fields (left join: unknown ids stay, as nulls)."""
+    fields = [c for c in ALL_FIELDS if c in products.columns]
+    out = pairs[["query_id", "product_id"]].astype(str)
+    out = out.merge(queries[["query_id", "text"]].rename(columns={"text": "query"}), on="query_id", how="left")
+    return out.merge(products[["product_id", *fields]], on="product_id", how="left")
+
+
+def render_prompts(pairs: pd.DataFrame, frame: tuple[str, str], variants: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Prompt rows (query_id, product_id, variant, prompt) and the malformed pairs (with the reason)."""
+    rows, bad = [], []
+    fields = [c for c in ALL_FIELDS if c in pairs.columns]
+    for record in pairs.to_dict("records"):
+        product = {f: record[f] for f in fields}
+        for variant in range(variants):
+            shown = {f: product.get(f) for f in FIELD_VARIANTS[variant % len(FIELD_VARIANTS)]}
+            try:
+                user = render_pair(record["query"], shown)
+            except PromptError as err:
+                bad.append({"query_id": record["query_id"], "product_id": record["product_id"], "reason": str(err)})
+                break
+            rows.append(
+                {"query_id": record["query_id"], "product_id": record["product_id"], "variant": variant, "prompt": render_prompt(frame, user)}
+            )
+    prompts = pd.DataFrame(rows, columns=["query_id", "product_id", "variant", "prompt"])
+    return prompts, pd.DataFrame(bad, columns=["query_id", "product_id", "reason"]).drop_duplicates()

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mr_ray.config import JudgeEngineConfig, SynthesizeConfig
+from mr_ray.labeler.engine import engine_processor
 
 WRITER_SYSTEM = "You write short search queries that shoppers type into an online shop's search box."
 WRITER_USER = "Write one search query (2 to 6 words) a shopper could type to find this product. Reply with the query only.\nProduct: {title}"
@@ -49,7 +50,6 @@ def generate_queries(prompts: pd.DataFrame, model_path: str | Path, engine: Judg
     """Ray Data + vLLM: generated text per prompt row (product_id, sample, text)."""
     import ray
 
-    from mr_ray.labeler.label import engine_processor
 
     def preprocess(row: dict) -> dict:
         params = {"max_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": int(row["seed"])}

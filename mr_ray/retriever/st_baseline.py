@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import pandas as pd
 from transformers import TrainerCallback
 
+from mr_ray.cache import cache_entry, cache_root
 from mr_ray.config import Stage1Config, section_hash
-from mr_ray.embeddings import cache_root
 from mr_ray.pipeline import Limit, tree_hash
 from mr_ray.retriever.encoder import load_encoder, pretrained_model_path
 from mr_ray.retriever.examples import build_examples, training_set
@@ -60,7 +58,10 @@ def train_mnrl(
 ) -> dict:
     """Train with SentenceTransformerTrainer + MNRL; save at out_dir/model; returns wall time and pairs/s."""
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     if pairs.empty:
@@ -131,17 +132,8 @@ def st_baseline(prepared: Path, base_model: str | None, max_seq_length: int, see
     if (folder / STATS).is_file():
         log(f"[mr-ray] st-mnrl: reusing {folder} (same training pairs, base model and recipe)")
         return folder / "model", json.loads((folder / STATS).read_text())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    with cache_entry(folder, lambda placed: (placed / STATS).is_file()) as tmp:
         stats = {**train_mnrl(base_model, pairs, tmp, max_seq_length=max_seq_length, seed=seed), "train_queries": len(queries), "recipe": recipe}
         shutil.rmtree(tmp / "trainer", ignore_errors=True)  # the trainer's scratch output; the model is tmp/model
         (tmp / STATS).write_text(json.dumps(stats, indent=2))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / STATS).is_file():  # another run finished the same model first: theirs is kept
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder / "model", stats

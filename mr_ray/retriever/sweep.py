@@ -20,11 +20,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mr_ray.config import SWEPT_STAGE2_FIELDS, EncoderConfig, EvaluateConfig, RunConfig, Stage2Config, SweepConfig
+from mr_ray.config import (
+    SWEPT_STAGE2_FIELDS,
+    EncoderConfig,
+    EvaluateConfig,
+    RunConfig,
+    Stage2Config,
+    SweepConfig,
+)
 from mr_ray.evaluate import ScoredSplit, load_split, score_encoder
 from mr_ray.pipeline import Limit, config_section, note_limit
 from mr_ray.retriever.encoder import encode, load_encoder, resolve_precision
-from mr_ray.retriever.examples import iter_frames, read_frame, stage2_examples
+from mr_ray.retriever.examples import iter_frames, stage2_examples
 from mr_ray.retriever.loop import make_optimizer, run_epoch
 from mr_ray.retriever.stage_loss import stage_loss
 from mr_ray.retriever.two_tower import TwoTower
@@ -165,13 +172,3 @@ def trial_catalog(dev: ScoredSplit, limit: Limit, seed: int) -> ScoredSplit:
     keep = np.sort(np.concatenate([np.flatnonzero(judged), extra]))
     note_limit(limit, len(keep), len(products), "products in the trials' catalog")
     return replace(dev, products=products.iloc[keep].reset_index(drop=True))
-
-
-def sweep_stage(ctx) -> dict:
-    """Sweep Stage 2 from the Stage-1 encoder on dev; writes best_params.json, which `stage2` trains with."""
-    config = ctx.config
-    mined = read_frame(ctx.input("mine"), "mined") if config.stage2.use_mined else None
-    data = sweep_data(ctx.input("prepare"), config, mined, ctx.inputs_of("judgments"))
-    best = run_sweep(config, str(ctx.input("stage1") / "model"), data["examples"], data["dev"], (ctx.out / "tune").resolve())
-    (ctx.out / BEST_PARAMS).write_text(json.dumps(best, indent=2))
-    return {"params": best["params"], OBJECTIVE: best[OBJECTIVE], "trials": len(best["trials"]), "dev_queries": len(data["dev"].queries)}

@@ -34,18 +34,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import Field, ValidationError
 from ray import serve
-from ray.serve import metrics
 from ray.exceptions import ActorDiedError, RayError
+from ray.serve import metrics
 from ray.serve.exceptions import RayServeException
 from typing_extensions import Annotated
 
 from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
-from mr_ray.index.fusion import Candidates
-from mr_ray.index.shards import ShardIndex, index_encoder_path, index_precision, merge_candidates, open_shards, read_index_manifest, search_shards_both
-from mr_ray.index.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.search.fusion import Candidates
+from mr_ray.search.shards import (
+    ShardIndex,
+    index_encoder_path,
+    index_precision,
+    merge_candidates,
+    open_shards,
+    read_index_manifest,
+    search_shards_both,
+)
+from mr_ray.search.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.serve.api import SearchRequest, SearchResponse
 from mr_ray.serve.batching import WhileBusyBatcher
 

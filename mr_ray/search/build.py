@@ -12,8 +12,6 @@ catalog, `calibration_pairs`), searched on the shards just built.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -24,13 +22,21 @@ import pyarrow.parquet as pq
 
 from mr_ray.config import EncoderConfig, IndexConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
-from mr_ray.index.shards import INDEX_MANIFEST, SHARD_INDEX_FILE, SHARD_LEXICAL_DIR, SHARD_PRODUCTS_FILE, open_shards, search_shards_both
 from mr_ray.evaluate import truth_table
-from mr_ray.index.fusion import normalise_lexical
-from mr_ray.index.thresholds import calibrate_retrieval, choose_fusion_weight, save_retrieval_thresholds
-from mr_ray.embeddings import catalog_vectors
-from mr_ray.retrieval import LexicalIndex, build_faiss_index, pair_scores
-from mr_ray.retriever.encoder import encode, load_encoder, resolve_precision
+from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.search.fusion import normalise_lexical
+from mr_ray.search.retrieval import LexicalIndex, build_faiss_index, pair_scores
+from mr_ray.search.shards import (
+    SHARD_INDEX_FILE,
+    SHARD_LEXICAL_DIR,
+    SHARD_PRODUCTS_FILE,
+    open_shards,
+    search_shards_both,
+)
+from mr_ray.search.thresholds import (
+    calibrate_retrieval,
+    choose_fusion_weight,
+)
 
 
 def choose_encoder(trained: list[Path], encoder: EncoderConfig) -> tuple[str | None, str]:
@@ -154,51 +160,3 @@ def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vect
         here, best_here = shard.lexical.pair_scores(pairs["text"].tolist(), product_row)
         lexical, best = lexical + here, np.maximum(best, best_here)
     return dense, normalise_lexical(lexical, best)
-
-
-def index_stage(ctx) -> dict:
-    """Pipeline stage `index`: sharded FAISS + BM25 index of the prepared catalog, fusion weight and grade thresholds."""
-    config, prepared = ctx.config, ctx.input("prepare")
-    model_path, encoder_source = choose_encoder(ctx.inputs_of("encoder"), config.encoder)
-    pairs, calibration = calibration_pairs(prepared, config.index)
-    products = read_table(prepared, "products").to_pandas()
-    started = time.perf_counter()
-    catalog = catalog_vectors(prepared / "products", products, config.encoder, model_path, encoder_source)  # evaluate embedded it
-    shards = build_index(products, catalog.vectors, ctx.out, config.index, config.lexical)
-    n_products = sum(shard["products"] for shard in shards)
-    # The stage folder is renamed to run_dir/index when it finishes: store trained
-    # encoders relative to that final place.
-    stored_path = model_path
-    if model_path is not None and Path(model_path).resolve().is_relative_to(ctx.run_dir.resolve()):
-        stored_path = os.path.relpath(Path(model_path).resolve(), (ctx.run_dir / ctx.stage.name).resolve())
-    precision = resolve_precision(config.encoder.precision, config.encoder.device)
-    dim = int(catalog.vectors.shape[1])
-    manifest = {
-        "factory": config.index.factory,
-        "search_params": config.index.search_params,
-        "metric": "inner_product",
-        "dim": dim,
-        "products": n_products,
-        "encoder": {"source": encoder_source, "path": stored_path, "max_seq_length": config.encoder.max_seq_length, "precision": precision},
-        "shards": shards,
-        "calibration": calibration,
-    }
-    (ctx.out / INDEX_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    by_id = catalog.by_id()
-    kept = {pid: by_id[pid] for pid in set(pairs["product_id"]) if pid in by_id}  # an unknown product is refused by pair_scores
-    by_mode, weight, report = calibrate_on_shards(ctx.out, pairs, kept, config.encoder, model_path, precision)
-    save_retrieval_thresholds(ctx.out, by_mode, weight, {mode: {**calibration, **r} if mode in by_mode else r for mode, r in report.items()})
-    thresholds = by_mode["dense"]
-    return {
-        "products": n_products,
-        "shards": len(shards),
-        "factory": config.index.factory,
-        "encoder": encoder_source,
-        "build_s": round(time.perf_counter() - started, 2),
-        "threshold_exact": round(thresholds.exact, 4),
-        "threshold_partial": round(thresholds.partial, 4),
-        "fusion_weight": weight,
-        "dev_ndcg@10": {"dense": report["weights_ndcg@10"]["1.0"], "lexical": report["weights_ndcg@10"]["0.0"], "hybrid": report["weights_ndcg@10"][str(weight)]},
-        "calibration_pairs": {"judged": calibration["judged_pairs"], "unjudged_sampled": calibration["unjudged_pairs"]},
-        "dev_tiers": {mode: report[mode]["tiers"] for mode in by_mode},
-    }

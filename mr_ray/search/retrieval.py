@@ -3,7 +3,7 @@
 `evaluate`, `mine`, `sweep`, `index`, `serve` and the benches all call these,
 so a dense run, a lexical run and a judged pair's score mean the same thing
 everywhere. The hybrid of the two (one call answering both halves of a query,
-then fusion) lives in mr_ray.index.shards and mr_ray.index.fusion on top of them.
+then fusion) lives in mr_ray.search.shards and mr_ray.search.fusion on top of them.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def systems_table(systems: dict) -> str:
 
 def confusion_table(judge: dict) -> str:
     """The judge's 3x3 confusion matrix on its held-out pairs (rows: true grade 0..2, columns: predicted), if the
-    judge section (mr_ray.labeler.report) has one."""
+    judge section (mr_ray.report.markdown) has one."""
     matrix = ((judge or {}).get("holdout") or {}).get("confusion")
     if not matrix:
         return ""

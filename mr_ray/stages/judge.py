@@ -23,7 +23,7 @@ from mr_ray.labeler.calibration import adjusted, fit_grade_offsets
 from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.model import base_model_folder
 from mr_ray.labeler.prompt import grades_from_probabilities, within_one_accuracy
-from mr_ray.labeler.report import judge_metrics
+from mr_ray.metrics import judge_metrics
 from mr_ray.pipeline import Limit, StageContext, note_limit, read_manifest
 from mr_ray.schema import DataError, conform
 

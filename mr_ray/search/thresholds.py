@@ -9,14 +9,14 @@ pool's hardest candidates and never show that bulk (a cut fitted on them sat
 so low that every drill-ish product of "cordless drill" came back exact), so
 the `index` stage adds, per held-out query, a seeded random sample of catalog
 products not judged for it, counted as grade 0, each weighted to stand for all
-of that query's unjudged products (mr_ray.index.build.calibration_pairs).
+of that query's unjudged products (mr_ray.search.build.calibration_pairs).
 
 Each boundary (2|1 and 1|0) gets the threshold that maximises F1 of
 "score >= threshold" against "grade above the boundary" over those weighted
 pairs: the catalog-wide precision and recall of the tier it opens.
 
 Under hybrid retrieval the score is the weighted fusion of cosine and
-normalised BM25 (mr_ray.index.fusion): its weight is the one with the best
+normalised BM25 (mr_ray.search.fusion): its weight is the one with the best
 held-out NDCG@10, and each retrieval mode (dense: cosine, lexical: normalised
 BM25, hybrid: fused) gets its own thresholds on the score it returns.
 """
@@ -32,8 +32,8 @@ from sklearn.metrics import precision_recall_curve
 
 from mr_ray.config import EvaluateConfig
 from mr_ray.grades import GRADE_NAMES, Grade
-from mr_ray.index.fusion import weighted_fusion
 from mr_ray.metrics import evaluate_retrieval
+from mr_ray.search.fusion import weighted_fusion
 
 THRESHOLDS_FILE = "thresholds.json"
 

@@ -10,9 +10,19 @@ from pathlib import Path
 
 from mr_ray.pipeline import Limit, StageContext
 from mr_ray.retriever.encoder import pretrained_model_path
-from mr_ray.retriever.examples import examples_with_augmentation, read_frame, stage2_examples, training_set
+from mr_ray.retriever.examples import (
+    examples_with_augmentation,
+    read_frame,
+    stage2_examples,
+    training_set,
+)
 from mr_ray.retriever.ray_train import train_encoder
-from mr_ray.retriever.sweep import OBJECTIVE, read_best_params, stage2_params, tuned_stage2
+from mr_ray.retriever.sweep import (
+    OBJECTIVE,
+    read_best_params,
+    stage2_params,
+    tuned_stage2,
+)
 
 
 def checkpoint_storage(ctx: StageContext) -> tuple[Path, str]:

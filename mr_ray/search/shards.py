@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from mr_ray.index.fusion import Candidates
-from mr_ray.retrieval import LexicalIndex
+from mr_ray.search.fusion import Candidates
+from mr_ray.search.retrieval import LexicalIndex
 
 INDEX_MANIFEST = "index.json"
 SHARD_INDEX_FILE = "index.faiss"
