@@ -123,8 +123,10 @@ def serve_cmd(
 ):
     """Serve search over HTTP from a run's index (Ray Serve); Ctrl-C stops it."""
     from mr_ray.serve.app import serve_run
+    from mr_ray.serve.ports import check_serve_target
 
     cfg = load_config(config)
+    check_serve_target(run_dir, host, port)  # before Ray starts: a wrong folder or a taken port is one line
     init_ray(address)
     serve_run(run_dir, cfg.serve, host=host, port=port, blocking=True)
 

@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -26,8 +26,23 @@ from pydantic import (
 )
 
 
+def admits_bool(annotation) -> bool:
+    """Whether a field's type takes true/false (bool itself, or a union or list holding it)."""
+    return annotation is bool or any(admits_bool(arg) for arg in get_args(annotation))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def no_bool_as_number(cls, value, info):
+        """YAML's true/false where a number or text belongs is a mistake (pydantic would read `batch_size: true` as 1)."""
+        values = value if isinstance(value, list) else [value]
+        found = next((v for v in values if isinstance(v, bool)), None)
+        if found is not None and not admits_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number or text, got {str(found).lower()}")
+        return value
 
 
 class SampleConfig(Strict):
@@ -510,7 +525,7 @@ def _read_yaml(path: Path) -> dict:
         line = data[: err.start].count(b"\n") + 1
         raise ConfigError(f"{path}: line {line}: not valid UTF-8 (byte {data[err.start]:#04x}); save the config as UTF-8") from None
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader) or {}
+        return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
         # One line: what went wrong and where (PyYAML's own message spans several lines).
         mark = getattr(err, "problem_mark", None)
@@ -525,6 +540,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if path is not None:
         path = Path(path)
         raw = _read_yaml(path)
+        if raw is None:
+            raise ConfigError(f"{path}: the config is empty; give at least `name:` (or no --config for the built-in defaults)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -542,7 +559,7 @@ def validated(model: type[M], raw: dict, where: str) -> M:
         return model.model_validate(raw)
     except ValidationError as err:
         problems = [": ".join(part for part in (".".join(str(p) for p in e["loc"]), e["msg"]) if part) for e in err.errors()]
-        raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+        raise ConfigError(f"{where}: " + "; ".join(problems).replace("Value error, ", "")) from None
 
 
 def section_hash(section: BaseModel | dict | list | None) -> str:

@@ -117,6 +117,10 @@ ENGAGEMENT = TableSpec(
 
 SPECS = {spec.name: spec for spec in (PRODUCTS, QUERIES, JUDGMENTS, ENGAGEMENT)}
 SPLITS = ("train", "dev", "test")
+# Who graded a pair: people (human; gold on the sample), the judge's labels (llm), its audit re-judgments
+# (audited), its synthetic queries' grades (synthetic), and mined pairs' grades (mined). Every stage selects
+# by these exact words, so an import writes them lower-case and trimmed, or refuses the row.
+JUDGMENT_SOURCES = ("human", "llm", "audited", "synthetic", "mined", "gold")
 # Ids read from floats must be exact integers; above 2**53 a float no longer is one.
 LARGEST_EXACT_FLOAT_ID = 2**53
 ORIGIN_KEY = b"mr_ray.origin"
@@ -227,6 +231,8 @@ def conform(table: pa.Table, spec: TableSpec | str, source: str) -> pa.Table:
                 raise DataError("blank value in a required field", file=source, row=_first_bad_row(blank), field=field.name)
         columns.append(column)
     out = pa.Table.from_arrays(columns, schema=spec.schema)
+    if spec is JUDGMENTS:
+        out = out.set_column(out.schema.get_field_index("source"), "source", judgment_sources(out.column("source"), source))
     _check_values(out, spec, source)
     _check_unique(out, spec, source)
     return with_origin(out, [(source, out.num_rows)])
@@ -248,6 +254,16 @@ def check_extra_columns(table: pa.Table, spec: TableSpec | str, source: str) -> 
             )
     if extra:
         log.warning("warning: %s: column(s) %s are not part of the %s table and are not imported", source, extra, spec.name)
+
+
+def judgment_sources(column: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
+    """The `source` column lower-cased and trimmed ("Human " -> "human"); a value outside JUDGMENT_SOURCES is refused."""
+    normalised = pc.utf8_lower(pc.utf8_trim_whitespace(column))
+    bad = pc.invert(pc.is_in(normalised, value_set=pa.array(JUDGMENT_SOURCES))).to_numpy(zero_copy_only=False)
+    if bad.any():
+        row = _first_bad_row(bad)
+        raise DataError(f"unknown judgment source {column[row - 1].as_py()!r}; expected one of {', '.join(JUDGMENT_SOURCES)}", file=source, row=row, field="source")
+    return normalised
 
 
 def _check_values(table: pa.Table, spec: TableSpec, source: str) -> None:

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The content-addressed cache (catalog embeddings, the st-mnrl baseline) of this test process and the jobs it
 # starts: shared by its tests (the same tiny catalogs are embedded once), never the user's ~/.cache/mr-ray.
 os.environ["MR_RAY_CACHE"] = tempfile.mkdtemp(prefix="mr-ray-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MR_RAY_CACHE"], ignore_errors=True)  # ours: this process made it
 use_serve_environment()  # the tests' local cluster serves as `mr-ray serve` does
 
 REPO = Path(__file__).resolve().parents[1]

@@ -222,6 +222,19 @@ def test_boolean_grades_are_refused(tmp_path):
     assert (err.file, err.row, err.field) == (path, 2, "grade")
 
 
+
+def test_judgment_sources_are_lower_cased_and_trimmed_or_refused(tmp_path):
+    rows = [{"query_id": "q1", "product_id": f"p{i}", "grade": 2, "source": source} for i, source in enumerate(["Human", "human ", " LLM"])]
+    table = read_canonical_table(write_jsonl(tmp_path / "judgments.jsonl", rows), "judgments")
+    assert table.column("source").to_pylist() == ["human", "human", "llm"]  # every stage's `source == "human"` sees them
+    path = write_jsonl(tmp_path / "typo.jsonl", rows + [{"query_id": "q1", "product_id": "p9", "grade": 1, "source": "humn"}])
+    err = refusal(read_canonical_table, path, "judgments")
+    assert (err.file, err.row, err.field) == (path, 4, "source")
+    assert "unknown judgment source 'humn'; expected one of human, llm, audited, synthetic, mined, gold" in str(err)
+    # the same pair graded by "Human" and "human" is one key, so a duplicate
+    twice = write_jsonl(tmp_path / "twice.jsonl", [rows[0], {**rows[0], "source": "human"}])
+    assert refusal(read_canonical_table, twice, "judgments").row == 2
+
 # --- the config, before Ray starts -----------------------------------------------------------------------
 
 
@@ -250,3 +263,16 @@ def test_data_source_mistakes(tmp_path):
     assert "stage1.judgment_sources.0" in config_error(tmp_path, "stage1:\n  judgment_sources: [humn]\n")
     # URIs are checked when read, by their own filesystem.
     assert load_config(write(tmp_path / "uri.yaml", "data:\n  source: canonical\n  path: s3://bucket/shop\n")).data.path == "s3://bucket/shop"
+
+
+def test_an_empty_config_is_refused_not_read_as_the_defaults(tmp_path):
+    assert "the config is empty" in config_error(tmp_path, "")
+    assert "the config is empty" in config_error(tmp_path, "# only a comment\n")
+
+
+def test_true_or_false_where_a_number_belongs_is_refused(tmp_path):
+    assert config_error(tmp_path, "encoder:\n  batch_size: true\n").endswith("encoder.batch_size: expected a number or text, got true")
+    assert "judge.finetune.epochs: expected a number or text, got false" in config_error(tmp_path, "judge:\n  finetune: {epochs: false}\n")
+    assert "sweep.margins: expected a number or text, got true" in config_error(tmp_path, "sweep:\n  margins: [0.2, true]\n")
+    # where a switch belongs, true and false are what it takes
+    assert load_config(write(tmp_path / "ok.yaml", "evaluate: {hybrid: false}\nstage2: {keep_judged_grades: true}\n")).evaluate.hybrid is False

@@ -61,10 +61,27 @@ def test_a_failing_batch_fails_its_callers_only_and_the_batcher_keeps_going():
         return outcomes, await batcher(5), process.batches
 
     outcomes, after, batches = asyncio.run(main())
-    assert batches == [[1], [2, 3], [4], [5]]
-    assert outcomes[0] == 2 and outcomes[3] == 8
-    assert all(isinstance(o, ValueError) and str(o) == "bad item 3" for o in outcomes[1:3])
+    assert batches == [[1], [2, 3], [2], [3], [4], [5]]  # the failing batch is split: 2 is answered, 3 alone fails
+    assert outcomes[0] == 2 and outcomes[1] == 4 and outcomes[3] == 8
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "bad item 3"
     assert after == 10
+
+
+def test_a_poison_item_among_fifty_fails_alone():
+    async def main():
+        process = SlowDouble(seconds=0.01, fail_on=-1)
+        batcher = WhileBusyBatcher(process, max_batch_size=64)
+        first = asyncio.create_task(batcher(1000))
+        await asyncio.sleep(0.002)  # the rest queue while the first batch runs, and go together into one batch
+        items = list(range(25)) + [-1] + list(range(25, 50))
+        outcomes = await asyncio.gather(*(batcher(i) for i in items), return_exceptions=True)
+        return await first, items, outcomes, process.batches
+
+    first, items, outcomes, batches = asyncio.run(main())
+    assert first == 2000 and len(batches[1]) == 51
+    assert [o for i, o in zip(items, outcomes) if i != -1] == [2 * i for i in range(50)]  # all 50 good answered
+    assert isinstance(outcomes[items.index(-1)], ValueError)
+    assert len(batches) <= 2 + 2 * 6 + 1  # bisection: about two calls per halving, not one per item
 
 
 def test_a_cancelled_caller_does_not_disturb_its_batch():

@@ -104,3 +104,26 @@ def test_stage_folder_of_other_files_is_refused(tmp_path):
     assert run_pipeline(load_config(), tmp_path, stages=stages) == {"produce": "ran"}  # an empty folder is taken
     assert run_pipeline(load_config(), tmp_path, stages=stages, force=True) == {"produce": "ran"}  # its own output is replaced
     assert (tmp_path / "produce" / "value.txt").read_text() == "new"
+
+
+def test_serve_checks_the_run_folder_and_the_port_before_starting_ray(tmp_path):
+    import json
+    import socket
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert_one_error_line(mr_ray("serve", "--run-dir", str(a_file), cwd=tmp_path), str(a_file), "not a folder")
+    assert_one_error_line(mr_ray("serve", "--run-dir", str(tmp_path / "nowhere"), cwd=tmp_path), "no such folder")
+    run = tmp_path / "run"
+    run.mkdir()
+    assert_one_error_line(mr_ray("serve", "--run-dir", str(run), cwd=tmp_path), str(run), "no finished index/")
+    (run / "index").mkdir()
+    (run / "index" / "index.json").write_text(json.dumps({"shards": []}))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = mr_ray("serve", "--run-dir", str(run), "--port", str(port), cwd=tmp_path)
+    assert_one_error_line(result, f"cannot listen on 127.0.0.1:{port} (in use)")
+    assert "Ray" not in result.stdout + result.stderr  # refused before any cluster started
+    assert a_file.read_text() == "mine"

@@ -191,6 +191,19 @@ def test_requests_that_queue_are_retrieved_together(app):
     assert batches > single, f"every retrieval held one request: {buckets}"
 
 
+def test_a_poison_query_fails_alone_among_fifty_good_ones(app):
+    """A query no tokenizer takes (a lone surrogate) is a 422 for its own request; the 50 sent with it are answered."""
+    def ask(i: int):
+        if i == 25:
+            return requests.post(f"{app['url']}/search", json={"query": "\ud800 sofa"}, timeout=60)
+        return requests.get(f"{app['url']}/search", params={"query": QUERIES[i % len(QUERIES)], "k": 10}, timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(ask, range(51)))
+    assert responses[25].status_code == 422
+    assert [r.status_code for i, r in enumerate(responses) if i != 25] == [200] * 50
+
+
 @pytest.mark.parametrize(
     "method, payload, message",
     [
@@ -205,6 +218,8 @@ def test_requests_that_queue_are_retrieved_together(app):
         ("post", {"query": "sofa", "min_grade": 3}, "min_grade: Input should be 0, 1 or 2"),
         ("get", {"query": "sofa", "retrieval": "sparse"}, "retrieval: Input should be 'dense', 'lexical' or 'hybrid'"),
         ("post", {"k": 3}, "query: Field required"),
+        ("post", {"query": "sofa", "k": True}, "k: expected a whole number, got true"),
+        ("post", {"query": "\ud800 sofa"}, "query: query is not valid Unicode text (character 1 is a lone surrogate)"),
     ],
 )
 def test_bad_requests_get_422_with_a_clear_message(service, method, payload, message):

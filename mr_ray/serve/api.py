@@ -32,6 +32,17 @@ class SearchRequest(BaseModel):
     def not_blank(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("query is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate ("\ud800"), which JSON can carry and no tokenizer takes
+            raise ValueError(f"query is not valid Unicode text (character {err.start + 1} is a lone surrogate)") from None
+        return value
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def not_a_bool(cls, value):
+        if isinstance(value, bool):  # JSON true would otherwise pass as k=1
+            raise ValueError(f"expected a whole number, got {str(value).lower()}")
         return value
 
 

@@ -19,8 +19,11 @@ class WhileBusyBatcher:
     """`await batcher(item)` gives `process(items)[i]` for the batch `items` that `item` joined.
 
     `process` is an async function from a list of items to a list of results of
-    the same length; at most `max_batch_size` items go into one call. An
-    exception from `process` is raised to every caller in that batch.
+    the same length; at most `max_batch_size` items go into one call. A batch
+    that raises is split in halves and each half tried again, down to single
+    items, so the exception reaches only the callers whose own item raises it:
+    one poison request costs its neighbours about log2(batch) extra calls,
+    never their answers.
     """
 
     def __init__(self, process: Callable[[list], Awaitable[list]], max_batch_size: int):
@@ -43,17 +46,26 @@ class WhileBusyBatcher:
             while self.pending:
                 batch = self.pending[: self.max_batch_size]
                 del self.pending[: self.max_batch_size]
-                try:
-                    results = await self.process([item for item, _ in batch])
-                    if len(results) != len(batch):
-                        raise RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
-                except Exception as err:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(err)
-                else:
-                    for (_, future), result in zip(batch, results):
-                        if not future.done():  # its caller may be gone (client disconnected)
-                            future.set_result(result)
+                await self.settle(batch)
         finally:
             self.drainer = None
+
+    async def settle(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        """Process `batch` and give each caller its result; on an exception, settle each half on its own."""
+        try:
+            results = await self.process([item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} items gave {len(results)} results")
+        except Exception as err:
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                await self.settle(batch[:middle])
+                await self.settle(batch[middle:])
+                return
+            _, future = batch[0]
+            if not future.done():
+                future.set_exception(err)
+        else:
+            for (_, future), result in zip(batch, results):
+                if not future.done():  # its caller may be gone (client disconnected)
+                    future.set_result(result)
