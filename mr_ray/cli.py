@@ -18,8 +18,8 @@ from typer.core import TyperGroup
 
 from mr_ray.cluster import init_ray
 from mr_ray.config import ConfigError, DataConfig, load_config, validated
-from mr_ray.outputs import MANIFEST, OutputRefused, placed_output
-from mr_ray.pipeline import RunFolderError, check_asked, run_pipeline
+from mr_ray.outputs import OutputRefused, placed_output, write_manifest
+from mr_ray.pipeline import RunFolderError, check_asked, check_run_folder, run_pipeline
 from mr_ray.schema import DataError
 
 BAD_INPUT = (DataError, ConfigError, OutputRefused, RunFolderError)
@@ -62,13 +62,15 @@ def run(
     config: Optional[Path] = typer.Option(None, help="run config YAML (default: built-in sample config)"),
     run_dir: Path = typer.Option(Path("runs/sample"), help="where stage outputs and manifests go"),
     force: bool = typer.Option(False, help="re-run stages even if their manifest matches"),
+    verify: bool = typer.Option(False, help="before skipping a stage, rehash every byte of its output (default: names, sizes, mtimes)"),
     address: Optional[str] = typer.Option(None, help="Ray address (default: RAY_ADDRESS or a local cluster)"),
 ):
     """Run the run's stage graph (which stages follow the config and the data); stages whose manifest matches are skipped."""
 
     cfg = load_config(config)
+    check_run_folder(run_dir)  # before Ray starts: a file, or a folder another run holds, is one line
     init_ray(address)
-    run_pipeline(cfg, run_dir, force=force)
+    run_pipeline(cfg, run_dir, force=force, verify=verify)
 
 
 @app.command()
@@ -77,15 +79,17 @@ def stage(
     config: Optional[Path] = typer.Option(None, help="run config YAML"),
     run_dir: Path = typer.Option(Path("runs/sample")),
     force: bool = typer.Option(False),
+    verify: bool = typer.Option(False, help="rehash every byte of a finished output before skipping it"),
     address: Optional[str] = typer.Option(None),
 ):
     """Run one stage of the run's graph with the inputs the graph gives it (they must already be in the run
     folder); a stage the graph leaves out (e.g. audit without engagement data) is an error saying why."""
 
     cfg = load_config(config)
+    check_run_folder(run_dir)
     check_asked(cfg, run_dir, [name])  # before Ray starts
     init_ray(address)
-    run_pipeline(cfg, run_dir, only=[name], force=force)
+    run_pipeline(cfg, run_dir, only=[name], force=force, verify=verify)
 
 
 IMPORT_KIND = "data-import"
@@ -108,8 +112,7 @@ def import_data(
         tables = load_source(cfg)
         check_references(tables, path or source)
         counts = write_tables(tables, tmp)
-        manifest = {"kind": IMPORT_KIND, "source": source, "path": path, "rows": counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, {"kind": IMPORT_KIND, "source": source, "path": path, "rows": counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     typer.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -163,7 +166,7 @@ def evaluate_cmd(
         report = render_report(result, f"mr-ray evaluation: {prepared}")
         (tmp / "report.md").write_text(report + "\n![similarity histograms](similarity_hist.png)\n")
         (tmp / "report.html").write_text(render_report_html(result, f"mr-ray evaluation: {prepared}", {}, tmp / "similarity_hist.png"))
-        (tmp / MANIFEST).write_text(json.dumps({"kind": EVALUATE_KIND, "prepared": str(prepared), "models": models}, indent=2))
+        write_manifest(tmp, {"kind": EVALUATE_KIND, "prepared": str(prepared), "models": models})
     typer.echo(report)
 
 

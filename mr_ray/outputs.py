@@ -3,10 +3,11 @@
 An output is written into a temporary sibling (`.tmp-<name>-<hex>`) and renamed
 into place when complete. The rename replaces only an empty folder or a
 previous output of the same kind, recognised by its manifest (`kind`, or
-`stage` for a pipeline stage's folder). Every other target is refused, with
-one line saying why, before any work starts: the working folder or one of its
-parents, a symlink, a file, a folder holding anything else, and the input or a
-folder holding it.
+`stage` for a pipeline stage's folder), whose `files` list every file the tool
+wrote there: a file that is not on that list (the user's) makes the
+replacement refuse. Every other target is refused, with one line saying why,
+before any work starts: the working folder or one of its parents, a symlink, a
+file, a folder holding anything else, and the input or a folder holding it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def check_target(out: Path, kind: str, inputs: Iterable[str | Path] = ()) -> Non
         # realpath too: a symlinked input inside the target must not be replaced either.
         if any(target == s or target in s.parents for s in {source, Path(os.path.realpath(given))}):
             raise OutputRefused(f"output folder {out}: is the input {given} or a folder holding it")
+        if any(s.is_dir() and s in target.parents for s in {source, Path(os.path.realpath(given))}):
+            raise OutputRefused(f"output folder {out}: is inside the input {given} (the next read of it would take the output in); give a folder outside it")
     if not target.exists():
         return
     if not target.is_dir():
@@ -64,6 +67,46 @@ def check_target(out: Path, kind: str, inputs: Iterable[str | Path] = ()) -> Non
     if found != kind:
         what = f"a {found!r} output" if found else "other files"
         raise OutputRefused(f"output folder {out}: holds {what}, not a previous {kind!r} output; give a new or empty folder")
+    written = (json.loads((target / MANIFEST).read_text()) or {}).get("files")
+    foreign = sorted(set(file_listing(target)) - set(written)) if written is not None else []
+    if foreign:
+        raise OutputRefused(
+            f"output folder {out}: holds {len(foreign)} file(s) mr-ray did not write there ({', '.join(foreign[:3])}); "
+            "move them out, or give a new or empty folder"
+        )
+
+
+def file_listing(folder: Path) -> dict[str, list[int]]:
+    """Every file under `folder` but its manifest: {relative path: [size, mtime in ns]}."""
+    return {
+        str(path.relative_to(folder)): [path.stat().st_size, path.stat().st_mtime_ns]
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.relative_to(folder) != Path(MANIFEST)
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Write `folder`'s manifest with the list of every file written there (`files`): what a later
+    replacement may remove, and what a rerun checks the output against. Returns the manifest written."""
+    manifest = {**manifest, "files": file_listing(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def listing_changes(folder: Path, manifest: dict) -> str | None:
+    """How `folder` differs from the files its manifest lists (missing, resized or rewritten), or None;
+    None too for a manifest from before files were listed."""
+    written = manifest.get("files")
+    if written is None:
+        return None
+    now = file_listing(folder)
+    missing = [name for name in written if name not in now]
+    changed = [name for name in written if name in now and now[name] != written[name]]
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    if changed:
+        return f"{len(changed)} file(s) changed since written, e.g. {changed[0]}"
+    return None
 
 
 def temp_sibling(out: Path, name: str | None = None) -> Path:

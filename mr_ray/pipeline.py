@@ -22,9 +22,12 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +36,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 from mr_ray.config import SWEPT_STAGE2_FIELDS, ConfigError, RunConfig, section_hash
-from mr_ray.outputs import MANIFEST, TEMP_PREFIX, placed_output
+from mr_ray.outputs import MANIFEST, OLD_PREFIX, TEMP_PREFIX, listing_changes, placed_output, write_manifest
 
 
 @dataclass(frozen=True)
@@ -316,15 +319,14 @@ def run_stage(stage: Stage, config: RunConfig, run_dir: Path, log=print, left_ou
         wall = time.perf_counter() - started
         for entry in embeddings:
             log(f"[mr-ray] stage {stage.name}: catalog vectors of {entry['encoder']}: {'embedded' if entry['computed'] else 'cached'} ({entry['seconds']} s)")
-        manifest = {
+        manifest = write_manifest(tmp, {
             "stage": stage.name,
             **identity,
             "output_hash": tree_hash(tmp),
             "metrics": {**metrics, **({"limits": limits} if limits else {}), **({"catalog_embeddings": embeddings} if embeddings else {})},
             "wall_time_s": round(wall, 2),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        })
     log(f"[mr-ray] stage {stage.name}: done in {wall:.1f} s")
     return manifest
 
@@ -352,10 +354,95 @@ def run_folder_problem(run_dir: Path) -> str | None:
     return None
 
 
-def clean_stale(run_dir: Path) -> None:
-    """Remove temp folders a crashed run left behind (their stage never finished)."""
-    for stale in list(run_dir.glob(".tmp-*")) + list(run_dir.glob(".old-*")):
-        shutil.rmtree(stale, ignore_errors=True)
+def clean_stale(run_dir: Path, stage_names: list[str]) -> None:
+    """Remove the temp folders a dead run of ours left behind (their stage never finished): only names we
+    make (`.tmp-<stage>-<8 hex>`, `.old-<stage>-<8 hex>`, the write probe), and only under the run lock,
+    so no live run of ours owns them; anything else named .tmp-* is the user's and stays."""
+    ours = re.compile(rf"^({re.escape(TEMP_PREFIX)}|{re.escape(OLD_PREFIX)})({'|'.join(map(re.escape, [*stage_names, 'probe']))})-[0-9a-f]{{8}}$")
+    for stale in run_dir.iterdir():
+        if ours.match(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+LOCK = ".mr-ray-run.lock"
+
+
+def process_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return isinstance(pid, int)  # someone else's live process, or a lock we cannot read the pid of
+    return True
+
+
+def lock_holder(run_dir: Path) -> dict:
+    """The run folder's lock ({pid, host, started}; {} when none or unreadable)."""
+    try:
+        holder = json.loads((run_dir / LOCK).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse, in one line, a run folder that is a file or that another live run holds (the CLI, before Ray)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} is a file; give a folder")
+    holder = lock_holder(run_dir)
+    if holder.get("host") not in (None, socket.gethostname()):
+        raise RunFolderError(f"run folder {run_dir} is in use by mr-ray pid {holder.get('pid')} on host {holder.get('host')} "
+                             f"since {holder.get('started')}; if that run is gone, delete {run_dir / LOCK}")
+    if holder and process_alive(holder.get("pid")):
+        raise RunFolderError(f"run folder {run_dir} is in use by another mr-ray run (pid {holder['pid']}, since {holder.get('started')}); "
+                             "wait for it or stop it")
+
+
+@contextmanager
+def run_lock(run_dir: Path, log=print):
+    """One run per folder: a lock file naming its holder (pid, host, start). A second run refuses in one line
+    naming the first; the lock of a run that died on this host is taken over with a warning."""
+    path = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            check_run_folder(run_dir)
+            log(f"[mr-ray] warning: run folder {run_dir} was locked by a run that is no longer running (pid {lock_holder(run_dir).get('pid')}); taking it over")
+            path.unlink(missing_ok=True)
+            continue
+        except OSError as err:  # a read-only run folder
+            raise RunFolderError(run_folder_problem(run_dir) or f"the run folder {run_dir} cannot take its lock ({err.strerror})") from err
+        try:
+            os.write(handle, json.dumps(me).encode())
+        except OSError as err:  # a full disk
+            path.unlink(missing_ok=True)
+            raise RunFolderError(run_folder_problem(run_dir) or f"the run folder {run_dir} cannot take its lock ({err.strerror})") from err
+        finally:
+            os.close(handle)
+        break
+    else:
+        raise RunFolderError(f"run folder {run_dir}: could not take its lock {path}; another run keeps taking it")
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(path.read_text()).get("pid") == me["pid"]:
+                path.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+
+def output_damage(stage_dir: Path, verify: bool = False) -> str | None:
+    """What changed in a finished stage's output since its manifest was written, or None: the fast check
+    compares file names, sizes and mtimes with the manifest's list; `verify` also rehashes every byte."""
+    manifest = read_manifest(stage_dir) or {}
+    changes = listing_changes(stage_dir, manifest)
+    if changes is None and verify and manifest.get("output_hash") and tree_hash(stage_dir) != manifest["output_hash"]:
+        changes = "its content differs from the manifest's hash"
+    return changes
 
 
 def refuse_left_out(graph: Graph, asked: list[str]) -> None:
@@ -386,19 +473,28 @@ def run_pipeline(
     log=print,
     stages: tuple[Stage, ...] | None = None,
     until: str | None = None,
+    verify: bool = False,
 ) -> dict[str, str]:
     """Run the run's stage graph (or `only` some of its stages, or every stage `until` one); returns
     {stage: 'ran' | 'skipped'}.
 
     The graph is `stage_graph` of the config and of what `prepare` wrote, worked out again after every
     stage (prepare settles it); `stages` gives a fixed graph instead. A stage asked for that the graph
-    leaves out is a ConfigError saying why.
+    leaves out is a ConfigError saying why. A finished stage is skipped only if its output still matches its
+    manifest (`output_damage`; `verify`: every byte). One run per folder at a time (`run_lock`).
     """
     run_dir = Path(run_dir)
     asked = [*(only or []), *([until] if until else [])]
     refuse_unknown(asked, stages)  # a stage the graph leaves out is refused by the loop's first graph
+    check_run_folder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale(run_dir)
+    with run_lock(run_dir, log):
+        clean_stale(run_dir, [stage.name for stage in stages or STAGES])
+        return run_graph_stages(config, run_dir, asked, only, force, log, stages, until, verify)
+
+
+def run_graph_stages(config, run_dir: Path, asked: list[str], only, force: bool, log, stages, until, verify: bool) -> dict[str, str]:
+    """`run_pipeline`'s loop, under the run lock."""
     outcome: dict[str, str] = {}
     while True:
         graph = Graph(stages) if stages is not None else run_graph(config, run_dir)
@@ -410,9 +506,12 @@ def run_pipeline(
             break
         stage = pending[0]
         if not force and is_current(stage, config, run_dir):
-            log(f"[mr-ray] stage {stage.name}: skipped (manifest matches)")
-            outcome[stage.name] = "skipped"
-            continue
+            damage = output_damage(run_dir / stage.name, verify)
+            if damage is None:
+                log(f"[mr-ray] stage {stage.name}: skipped (manifest matches)")
+                outcome[stage.name] = "skipped"
+                continue
+            log(f"[mr-ray] stage {stage.name}: its output changed since it was written ({damage}); running it again")
         try:
             run_stage(stage, config, run_dir, log=log, left_out=graph.left_out)
         except Exception as err:

@@ -127,3 +127,86 @@ def test_serve_checks_the_run_folder_and_the_port_before_starting_ray(tmp_path):
     assert_one_error_line(result, f"cannot listen on 127.0.0.1:{port} (in use)")
     assert "Ray" not in result.stdout + result.stderr  # refused before any cluster started
     assert a_file.read_text() == "mine"
+
+
+# --- issue 32: the run folder is the user's too ----------------------------------------------------------------
+
+PRODUCE = (Stage("produce", f"{__name__}:write_value", (), ("evaluate",)),)
+
+
+def test_a_user_file_inside_a_previous_output_stops_its_replacement(tmp_path):
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE) == {"produce": "ran"}
+    (tmp_path / "produce" / "my-notes.txt").write_text("mine")  # the user's, beside what the stage wrote
+    with pytest.raises(OutputRefused, match=r"holds 1 file\(s\) mr-ray did not write there \(my-notes.txt\)"):
+        run_pipeline(load_config(), tmp_path, stages=PRODUCE, force=True)
+    assert (tmp_path / "produce" / "my-notes.txt").read_text() == "mine"
+    # the same for a second `data import` into its own previous output
+    source(tmp_path / "src")
+    assert mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", "out", cwd=tmp_path).returncode == 0
+    (tmp_path / "out" / "README.txt").write_text("mine")
+    result = mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", "out", cwd=tmp_path)
+    assert_one_error_line(result, "did not write there (README.txt)")
+    assert (tmp_path / "out" / "README.txt").read_text() == "mine"
+
+
+def test_an_output_inside_the_input_is_refused(tmp_path):
+    source(tmp_path / "src")
+    result = mr_ray("data", "import", "--source", "canonical", "--path", "src", "--out", "src/canonical", cwd=tmp_path)
+    assert_one_error_line(result, "is inside the input src")
+    assert not (tmp_path / "src" / "canonical").exists()
+
+
+def test_only_the_temp_folders_the_tool_names_are_cleaned(tmp_path):
+    for name in (".tmp-produce-0123abcd", ".old-produce-89abcdef", ".tmp-my-scratch", ".old-thesis"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "file").write_text("x")
+    run_pipeline(load_config(), tmp_path, stages=PRODUCE)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".old-thesis", ".tmp-my-scratch"]
+
+
+def test_a_second_run_on_the_same_folder_refuses_naming_the_first(tmp_path):
+    import json
+    import os
+    import socket
+
+    from mr_ray.pipeline import LOCK, RunFolderError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / LOCK).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "2026-12-05T06:00:00"}))
+        with pytest.raises(RunFolderError, match=rf"in use by another mr-ray run \(pid {holder.pid}, since 2026-12-05T06:00:00\)"):
+            run_pipeline(load_config(), tmp_path, stages=PRODUCE)
+        assert not (tmp_path / "produce").exists()
+        result = mr_ray("run", "--run-dir", str(tmp_path), cwd=tmp_path)
+        assert_one_error_line(result, f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    log: list[str] = []  # the holder died: its lock is taken over, with a warning
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE, log=log.append) == {"produce": "ran"}
+    assert any(f"no longer running (pid {holder.pid}); taking it over" in line for line in log)
+    assert not (tmp_path / LOCK).exists()  # released when the run ends
+    assert os.getpid() != holder.pid
+
+
+def test_a_damaged_output_is_noticed_and_its_stage_rerun(tmp_path):
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE) == {"produce": "ran"}
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE) == {"produce": "skipped"}
+    (tmp_path / "produce" / "value.txt").unlink()
+    log: list[str] = []
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE, log=log.append) == {"produce": "ran"}
+    assert any("its output changed since it was written (1 file(s) missing, e.g. value.txt); running it again" in line for line in log)
+    # a rewrite of the same size and time passes the fast check; --verify rehashes the bytes
+    value = tmp_path / "produce" / "value.txt"
+    stat = value.stat()
+    value.write_text("NEW")
+    os_utime = __import__("os").utime
+    os_utime(value, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE) == {"produce": "skipped"}
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE, verify=True) == {"produce": "ran"}
+    assert value.read_text() == "new"
+
+
+def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    assert_one_error_line(mr_ray("run", "--run-dir", "runs", cwd=tmp_path), "runs is a file")
