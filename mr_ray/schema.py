@@ -117,6 +117,7 @@ ENGAGEMENT = TableSpec(
 
 SPECS = {spec.name: spec for spec in (PRODUCTS, QUERIES, JUDGMENTS, ENGAGEMENT)}
 SPLITS = ("train", "dev", "test")
+ID_FIELDS = ("product_id", "query_id")  # trimmed and NFC-normalised on import
 # Who graded a pair: people (human; gold on the sample), the judge's labels (llm), its audit re-judgments
 # (audited), its synthetic queries' grades (synthetic), and mined pairs' grades (mined). Every stage selects
 # by these exact words, so an import writes them lower-case and trimmed, or refuses the row.
@@ -185,6 +186,8 @@ def _cast_column(column: pa.ChunkedArray, target: pa.DataType, *, source: str, f
                     row = _first_bad_row(bad)
                     raise DataError(f"expected text, got number {values[row - 1].item()!r}: {reason}", file=source, row=row, field=field)
             return pc.cast(pc.cast(column, pa.int64()), pa.string())
+        if pa.types.is_nested(column.type):  # a struct, list or map where text belongs
+            raise DataError(f"expected text, got values of type {column.type}", file=source, field=field)
         return pc.cast(column, pa.string())
     try:
         return pc.cast(column, target)
@@ -222,6 +225,9 @@ def conform(table: pa.Table, spec: TableSpec | str, source: str) -> pa.Table:
             columns.append(pa.nulls(table.num_rows, field.type))
             continue
         column = _cast_column(table.column(field.name), field.type, source=source, field=field.name)
+        if field.name in ID_FIELDS:
+            # One spelling per id: " p1" and "p1", or "é" composed and decomposed, are one product (or a duplicate).
+            column = pc.utf8_normalize(pc.utf8_trim_whitespace(column), form="NFC")
         if field.name in spec.required and column.null_count:
             row = _first_bad_row(column.is_null().to_numpy(zero_copy_only=False))
             raise DataError("empty value in a required field", file=source, row=row, field=field.name)

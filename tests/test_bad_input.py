@@ -276,3 +276,67 @@ def test_true_or_false_where_a_number_belongs_is_refused(tmp_path):
     assert "sweep.margins: expected a number or text, got true" in config_error(tmp_path, "sweep:\n  margins: [0.2, true]\n")
     # where a switch belongs, true and false are what it takes
     assert load_config(write(tmp_path / "ok.yaml", "evaluate: {hybrid: false}\nstage2: {keep_judged_grades: true}\n")).evaluate.hybrid is False
+
+
+# --- issue 32: no silent change of input ------------------------------------------------------------------
+
+
+def test_every_file_of_a_table_folder_is_read_or_the_import_refuses_naming_it(tmp_path):
+    folder = tmp_path / "products"
+    folder.mkdir()
+    write(folder / "part-0.csv", "product_id,title\np1,drill\n")
+    write(folder / "_SUCCESS", "")  # a writer's marker, not part of the table
+    assert read_canonical_table(str(folder), "products").num_rows == 1
+    write(folder / "part-1.csv.gz", "not read")
+    err = refusal(read_canonical_table, str(folder), "products")
+    assert err.file == str(folder / "part-1.csv.gz") and "cannot read (part-1.csv.gz)" in str(err)
+
+
+def test_invalid_utf8_is_refused_whatever_the_parquet_encoding(tmp_path):
+    bad = b"dr\xffill"
+    for name, column in (
+        ("dictionary", pa.array([b"saw", bad]).cast(pa.binary()).dictionary_encode()),
+        ("binary", pa.array([b"saw", bad], pa.binary())),
+    ):
+        path = str(tmp_path / f"{name}.parquet")
+        pq.write_table(pa.table({"product_id": ["p1", "p2"], "title": column}), path)
+        err = refusal(read_canonical_table, path, "products")
+        assert (err.file, err.row, err.field) == (path, 2, "title") and "not valid UTF-8 (byte 0xff)" in str(err), name
+
+
+def test_a_parquet_title_of_structs_and_a_parquet_file_named_csv_are_one_line(tmp_path):
+    path = str(tmp_path / "products.parquet")
+    pq.write_table(pa.table({"product_id": ["p1"], "title": [{"en": "drill"}]}), path)
+    err = refusal(read_canonical_table, path, "products")
+    assert err.field == "title"
+    disguised = tmp_path / "products.csv"
+    disguised.write_bytes((tmp_path / "products.parquet").read_bytes())
+    err = refusal(read_canonical_table, str(disguised), "products")
+    assert "this is a Parquet file named .csv; rename it to .parquet" in str(err) and "\\x" not in str(err)
+
+
+def test_a_json_object_with_a_key_twice_is_refused(tmp_path):
+    path = write(tmp_path / "products.jsonl", '{"product_id": "p1", "title": "drill"}\n{"product_id": "p2", "title": "saw", "title": "hammer"}\n')
+    err = refusal(read_canonical_table, path, "products")
+    assert (err.row, err.field) == (2, "title") and "appears twice" in str(err)
+
+
+def test_ids_are_trimmed_and_nfc_normalised_so_spellings_of_one_id_collide(tmp_path):
+    path = write(tmp_path / "products.csv", "product_id,title\ncafe\u0301,drill\n p2 ,saw\n")
+    assert read_canonical_table(path, "products").column("product_id").to_pylist() == ["caf\u00e9", "p2"]
+    path = write(tmp_path / "twice.csv", "product_id,title\ncaf\u00e9,drill\ncafe\u0301 ,saw\n")
+    err = refusal(read_canonical_table, path, "products")
+    assert (err.row, err.field) == (2, "product_id") and "row 1" in str(err)
+
+
+def test_canonical_queries_without_a_split_get_the_hash_split_and_a_warning(tmp_path, caplog):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    write(folder / "products.csv", "product_id,title\np1,drill\n")
+    write(folder / "queries.csv", "query_id,text\n" + "".join(f"q{i},drill {i}\n" for i in range(50)))
+    write(folder / "judgments.csv", "query_id,product_id,grade,source\nq0,p1,2,human\n")
+    with caplog.at_level(logging.WARNING):
+        tables = import_canonical(str(folder))
+    splits = tables["queries"].column("split").to_pylist()
+    assert None not in splits and {"train", "dev", "test"} <= set(splits)
+    assert "50 of 50 queries have no split" in caplog.text

@@ -9,6 +9,7 @@ filesystems understand (s3://, gs://, hdfs://).
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,8 @@ from mr_ray.schema import (
     locate,
     with_origin,
 )
+
+log = logging.getLogger(__name__)
 
 
 def read_canonical_table(path: str, kind: str, columns: dict[str, str] | None = None) -> pa.Table:
@@ -66,10 +69,14 @@ def hash_split(ids: pa.ChunkedArray | list, dev: float = 0.1, test: float = 0.1)
     return out
 
 
-def _with_split(queries: pa.Table) -> pa.Table:
+def _with_split(queries: pa.Table, source: str | None = None) -> pa.Table:
+    """Queries without a split get the seeded hash split (`hash_split`); with `source`, a user's file, said in a warning."""
     split = queries.column("split")
     if split.null_count == 0:
         return queries
+    if source is not None:
+        log.warning("warning: %s: %d of %d queries have no split; they get the hash split of their query_id (train 80%%, dev 10%%, test 10%%)",
+                    source, split.null_count, len(split))
     filled = [s if s is not None else h for s, h in zip(split.to_pylist(), hash_split(queries.column("query_id")))]
     return queries.set_column(queries.schema.get_field_index("split"), "split", pa.array(filled, pa.string()))
 
@@ -96,6 +103,7 @@ def import_canonical(folder: str) -> dict[str, pa.Table]:
                 continue
             raise DataError(f"no {kind} table (expected {kind}.parquet, .csv, .jsonl or a {kind}/ folder)", file=folder)
         tables[kind] = read_canonical_table(found, kind)
+    tables["queries"] = _with_split(tables["queries"], find_table(folder, "queries"))
     return tables
 
 
@@ -104,7 +112,10 @@ def import_generic(files: dict[str, str], columns: dict[str, dict[str, str]]) ->
     unknown = set(files) - set(SPECS)
     if unknown:
         raise DataError(f"unknown table name(s) {sorted(unknown)}; expected {sorted(SPECS)}")
-    return {kind: read_canonical_table(path, kind, columns.get(kind)) for kind, path in files.items()}
+    tables = {kind: read_canonical_table(path, kind, columns.get(kind)) for kind, path in files.items()}
+    if "queries" in tables:
+        tables["queries"] = _with_split(tables["queries"], files["queries"])
+    return tables
 
 
 def import_homedepot(folder: str) -> dict[str, pa.Table]:

@@ -65,11 +65,21 @@ def _as_text(column: pa.ChunkedArray, *, file: str, name: str) -> pa.ChunkedArra
         raise
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def _not_parquet(data: bytes, path: str) -> None:
+    """Refuse a Parquet file under a text file's name (its bytes would read as binary noise)."""
+    if data[:4] == PARQUET_MAGIC and data[-4:] == PARQUET_MAGIC:
+        raise DataError(f"this is a Parquet file named {PurePosixPath(path).suffix}; rename it to .parquet", file=path)
+
+
 def read_csv(path: str, delimiter: str | None = None) -> pa.Table:
     """A CSV/TSV file with a header row; every column as text."""
     data = _read_bytes(path)
     if not data.strip():
         raise DataError("the file is empty", file=path)
+    _not_parquet(data, path)
     delimiter = delimiter or ("\t" if PurePosixPath(path).suffix.lower() == ".tsv" else ",")
     header_line = data.split(b"\n", 1)[0].removeprefix(b"\xef\xbb\xbf")
     try:
@@ -154,11 +164,28 @@ def _bad_record(data: bytes, parse: pacsv.ParseOptions, convert: pacsv.ConvertOp
     return found[0] if found and found[0].number is not None else None
 
 
+class DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are unique (json.loads would keep the last of a repeated key silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_jsonl(path: str) -> pa.Table:
     """JSON lines, one object per line; the columns are every key any row has, every value as text."""
     data = _read_bytes(path).removeprefix(b"\xef\xbb\xbf")
     if not data.strip():
         raise DataError("the file is empty", file=path)
+    _not_parquet(data, path)
     rows: list[dict] = []
     for line in data.splitlines():
         if not line.strip():
@@ -170,9 +197,11 @@ def read_jsonl(path: str) -> pa.Table:
             raise DataError(_not_utf8(line, err), file=path, row=row_number) from None
         try:
             # Numbers keep the text they were written with: an id 0042 or 1e20 is never re-spelt.
-            row = json.loads(text, parse_int=str, parse_float=str, parse_constant=str)
+            row = json.loads(text, parse_int=str, parse_float=str, parse_constant=str, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             raise DataError(f"not valid JSON: {err.msg}", file=path, row=row_number) from None
+        except DuplicateKey as err:
+            raise DataError("the key appears twice in the object; keep one", file=path, row=row_number, field=err.key) from None
         if not isinstance(row, dict):
             raise DataError("each line must be a JSON object", file=path, row=row_number)
         rows.append(row)
@@ -200,10 +229,15 @@ def read_parquet(path: str) -> pa.Table:
         raise DataError("file not found", file=path) from None
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"not a readable Parquet file: {err}", file=path) from None
-    # Parquet does not check that its text is UTF-8; find a bad value before any compute trips on it.
-    for name in table.column_names:
+    # Parquet does not check that its text is UTF-8; find a bad value before any compute trips on it,
+    # whatever the encoding (plain, dictionary) or the declared type (string, binary).
+    for index, name in enumerate(table.column_names):
         column = table.column(name)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        if pa.types.is_dictionary(column.type):
+            column = column.cast(column.type.value_type)
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            table = table.set_column(index, name, _as_text(column, file=path, name=name))
+        elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             try:
                 column.validate(full=True)
             except pa.ArrowInvalid:
@@ -232,11 +266,14 @@ def list_table_files(path: str) -> list[str]:
     if info.type == pafs.FileType.File:
         return [path]
     prefix = path[: len(path) - len(inner)] if is_uri(path) else ""
-    files = sorted(
-        prefix + f.path
-        for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-        if f.type == pafs.FileType.File and PurePosixPath(f.path).suffix.lower() in TABLE_EXTENSIONS
-    )
+    found = sorted(prefix + f.path for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if f.type == pafs.FileType.File)
+    # Hidden files (".x", "_SUCCESS", Spark's ".crc") are not part of a table; any other file is read or refused.
+    files = [f for f in found if not PurePosixPath(f).name.startswith((".", "_"))]
+    unreadable = [f for f in files if PurePosixPath(f).suffix.lower() not in TABLE_EXTENSIONS]
+    if unreadable:
+        raise DataError(
+            f"the table folder holds a file it cannot read ({PurePosixPath(unreadable[0]).name}); a table's files are {', '.join(TABLE_EXTENSIONS)}: "
+            "decompress or move it out", file=unreadable[0])
     if not files:
         raise DataError("the folder holds no table files", file=path)
     return files
