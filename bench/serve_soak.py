@@ -8,9 +8,11 @@ seconds (at most --max-requests). Every --kill-every seconds it SIGKILLs one
 replica process of the next deployment in turn (a crash, not a graceful stop)
 and waits until Serve has replaced it.
 
-Each request ends in exactly one counted outcome: 2xx (checked: the answer is
-for the query sent and holds k results, or names its missing shards), 4xx,
-5xx, connection error or client timeout. A kill's window runs from the kill
+Every --poison-every-th request is a poison query no tokenizer takes (a lone
+surrogate, sent as JSON): it must get its own 422 and leave the requests
+batched beside it unharmed. Each request ends in exactly one counted outcome:
+2xx (checked: the answer is for the query sent and holds k results, or names
+its missing shards), poison 422, 4xx, 5xx, connection error or client timeout. A kill's window runs from the kill
 until Serve reports the deployment healthy with a fresh replica, plus
 --grace seconds; a request is in the window if it was in flight at any time
 of it. Printed: the totals, per kill the outcomes and p50/p99 latency of the
@@ -19,7 +21,8 @@ requests before (ended in the --side seconds before), during and after
 every window.
 
 Exit status 1 if any request is lost silently (an outcome missing, or a 2xx
-that is not a valid answer) or if any request failed outside the kill windows.
+that is not a valid answer) or if any request failed outside the kill windows
+(a good query's 4xx and a poison query's answer other than 422 are failures).
 
     python bench/serve_soak.py                       # 5 minutes, concurrency 32, port 8100
     python bench/serve_soak.py --duration 60 --kill-every 20
@@ -80,6 +83,7 @@ class Soak:
     concurrency: int
     duration: float
     max_requests: int
+    poison_every: int = 0  # 0: no poison queries
     sent: int = 0
     outcomes: list[Outcome] = field(default_factory=list)
     t0: float = 0.0
@@ -89,6 +93,8 @@ class Soak:
 
     def judge(self, query: str, status: int, body: dict | None) -> tuple[str, bool, str]:
         """(kind, missing shards?, detail) of one HTTP answer."""
+        if query == POISON:
+            return ("poison 422", False, "") if status == 422 else ("poison not refused", False, f"status {status}, body {str(body)[:120]}")
         if 400 <= status < 500:
             return "4xx", False, str(body)[:120]
         if status >= 500:
@@ -106,7 +112,9 @@ class Soak:
     async def one(self, session: aiohttp.ClientSession, query: str) -> None:
         started = self.now()
         try:
-            async with session.get(f"{self.url}/search", params={"query": query, "k": self.k}) as response:
+            request = session.post(f"{self.url}/search", json={"query": query, "k": self.k}) if query == POISON else (
+                session.get(f"{self.url}/search", params={"query": query, "k": self.k}))
+            async with request as response:
                 try:
                     body = await response.json(content_type=None)
                 except ValueError:
@@ -120,7 +128,8 @@ class Soak:
 
     async def worker(self, session: aiohttp.ClientSession) -> None:
         while self.now() < self.duration and self.sent < self.max_requests:
-            query = self.queries[self.sent % len(self.queries)]
+            poison = self.poison_every and self.sent % self.poison_every == self.poison_every - 1
+            query = POISON if poison else self.queries[self.sent % len(self.queries)]
             self.sent += 1
             await self.one(session, query)
 
@@ -209,7 +218,8 @@ def counts(outcomes: list[Outcome]) -> Counter:
     return tally
 
 
-KINDS = ("2xx", "4xx", "5xx", "connection error", "timeout", "invalid 2xx", "missing shards")
+KINDS = ("2xx", "poison 422", "4xx", "poison not refused", "5xx", "connection error", "timeout", "invalid 2xx", "missing shards")
+POISON = "\ud800 sofa"  # a lone surrogate: JSON carries it, no tokenizer takes it
 
 
 def report(soak: Soak, kills: list[Kill], grace: float, side_s: float) -> int:
@@ -236,7 +246,7 @@ def report(soak: Soak, kills: list[Kill], grace: float, side_s: float) -> int:
         print(f"{kill.deployment + ' pid ' + str(kill.pid):<28} {kill.at:>6.1f} {back} | {latency(before):>19} | {latency(during):>19} | "
               f"{latency(after):>18} | {c['2xx']:>11} {c['5xx']:>3} {c['connection error']:>4} {c['timeout']:>3} {c['missing shards']:>7}")
     outside = [o for o in soak.outcomes if not in_any(o)]
-    failed_outside = [o for o in outside if o.kind not in ("2xx", "4xx")]
+    failed_outside = [o for o in outside if o.kind not in ("2xx", "poison 422")]
     print(f"\noutside the kill windows ({len(outside)} requests): p50, p99 {' ms, '.join(latency(outside).split())} ms; "
           + ", ".join(f"{kind} {counts(outside)[kind]}" for kind in KINDS))
     details = Counter(f"{o.kind}: {o.detail}" for o in soak.outcomes if o.detail)
@@ -281,6 +291,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-requests", type=int, default=200_000, help="bound on the requests sent")
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--poison-every", type=int, default=50, help="every n-th request is a poison query (0: none)")
     parser.add_argument("--first-kill", type=float, default=30.0, help="seconds of clean traffic before the first kill")
     parser.add_argument("--kill-every", type=float, default=45.0)
     parser.add_argument("--grace", type=float, default=2.0, help="seconds after Serve reports the replacement healthy still counted in the window")
@@ -312,7 +323,7 @@ def main() -> int:
         print(f"[soak] {url}: deployments {deployments}; {len(queries)} queries, concurrency {args.concurrency}, "
               f"{args.duration:.0f} s, a kill every {args.kill_every:.0f} s from {args.first_kill:.0f} s; "
               f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
-        soak = Soak(url, queries, args.k, args.concurrency, args.duration, args.max_requests)
+        soak = Soak(url, queries, args.k, args.concurrency, args.duration, args.max_requests, args.poison_every)
         killer = Killer(deployments, args.first_kill, args.kill_every)
         kills = asyncio.run(soak.run(killer))
         return report(soak, kills, args.grace, args.side)
