@@ -95,7 +95,7 @@ def test_unjudged_grade_is_refused_with_the_judge_annotator():
     from mr_ray.config import ConfigError, load_config
 
     assert load_config(None, {"mine.annotator": "grades", "mine.unjudged_grade": 0}).mine.unjudged_grade == 0
-    with pytest.raises(ConfigError, match="mine: Value error, unjudged_grade applies to annotator 'grades' only"):
+    with pytest.raises(ConfigError, match="mine: unjudged_grade applies to annotator 'grades' only"):
         load_config(None, {"mine.annotator": "judge", "mine.unjudged_grade": 0})
 
 

@@ -22,6 +22,7 @@ app on a run folder from Python or the CLI.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -31,7 +32,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import Field, ValidationError
 from ray import serve
 from ray.exceptions import ActorDiedError, RayError
@@ -113,14 +114,16 @@ api = FastAPI(
 
 
 @api.exception_handler(RequestValidationError)
-async def readable_validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+async def readable_validation_error(request: Request, err: RequestValidationError) -> Response:
     """One readable line per problem ("k: Input should be a valid integer"), plus FastAPI's details."""
     problems = []
     for error in err.errors():
         field = ".".join(str(p) for p in error["loc"][1:]) or str(error["loc"][0])
         message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
         problems.append(f"{field}: {message}")
-    return JSONResponse(status_code=422, content={"detail": "; ".join(problems), "errors": jsonable_encoder(err.errors())})
+    body = {"detail": "; ".join(problems), "errors": jsonable_encoder(err.errors())}
+    # ASCII JSON: the input echoed back may hold a lone surrogate, which has no UTF-8 (JSONResponse would fail with a 500).
+    return Response(json.dumps(body), status_code=422, media_type="application/json")
 
 
 @serve.deployment(max_ongoing_requests=64)
