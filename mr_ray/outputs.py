@@ -29,15 +29,13 @@ class OutputRefused(ValueError):
     """An output path that writing there would destroy something; the message says what."""
 
 
-def output_kind(folder: Path) -> str | None:
-    """The kind a previous output's manifest declares, or None if the folder holds no manifest of ours."""
+def output_manifest(folder: Path) -> dict:
+    """A previous output's manifest, or {} if the folder holds no manifest of ours."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(manifest, dict):
-        return None
-    return manifest.get("kind", manifest.get("stage"))
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def check_target(out: Path, kind: str, inputs: Iterable[str | Path] = ()) -> None:
@@ -63,11 +61,12 @@ def check_target(out: Path, kind: str, inputs: Iterable[str | Path] = ()) -> Non
         raise OutputRefused(f"output folder {out}: is a file, not a folder")
     if not any(target.iterdir()):
         return
-    found = output_kind(target)
+    manifest = output_manifest(target)
+    found = manifest.get("kind", manifest.get("stage"))
     if found != kind:
         what = f"a {found!r} output" if found else "other files"
         raise OutputRefused(f"output folder {out}: holds {what}, not a previous {kind!r} output; give a new or empty folder")
-    written = (json.loads((target / MANIFEST).read_text()) or {}).get("files")
+    written = manifest.get("files")
     foreign = sorted(set(file_listing(target)) - set(written)) if written is not None else []
     if foreign:
         raise OutputRefused(
@@ -79,9 +78,10 @@ def check_target(out: Path, kind: str, inputs: Iterable[str | Path] = ()) -> Non
 def file_listing(folder: Path) -> dict[str, list[int]]:
     """Every file under `folder` but its manifest: {relative path: [size, mtime in ns]}."""
     return {
-        str(path.relative_to(folder)): [path.stat().st_size, path.stat().st_mtime_ns]
+        str(path.relative_to(folder)): [stat.st_size, stat.st_mtime_ns]
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.relative_to(folder) != Path(MANIFEST)
+        for stat in (path.stat(),)
     }
 
 
