@@ -38,6 +38,22 @@ def output_manifest(folder: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
+def manifest_damage(folder: Path) -> str | None:
+    """Why `folder`'s manifest cannot be read (truncated, not JSON, not an object), or None: none there, or sound."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        return "not UTF-8 text"
+    except json.JSONDecodeError as err:
+        return f"not JSON: {err.msg} at line {err.lineno}"
+    except OSError as err:
+        return f"unreadable: {err.strerror}"
+    return None if isinstance(manifest, dict) else "not a JSON object"
+
+
 def check_target(out: Path, kind: str, inputs: Iterable[str | Path] = ()) -> None:
     """Refuse an output path whose replacement would lose anything but a previous `kind` output."""
     target = Path(os.path.abspath(out))

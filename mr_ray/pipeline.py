@@ -36,7 +36,15 @@ from typing import Callable
 from pydantic import BaseModel
 
 from mr_ray.config import SWEPT_STAGE2_FIELDS, ConfigError, RunConfig, section_hash
-from mr_ray.outputs import MANIFEST, OLD_PREFIX, TEMP_PREFIX, listing_changes, placed_output, write_manifest
+from mr_ray.outputs import (
+    MANIFEST,
+    OLD_PREFIX,
+    TEMP_PREFIX,
+    listing_changes,
+    manifest_damage,
+    placed_output,
+    write_manifest,
+)
 
 
 @dataclass(frozen=True)
@@ -445,6 +453,17 @@ def output_damage(stage_dir: Path, verify: bool = False) -> str | None:
     return changes
 
 
+def set_aside_damaged(stage_dir: Path, log=print) -> None:
+    """A stage folder whose manifest is damaged no longer says which files mr-ray wrote, so it is neither
+    trusted nor deleted: it is renamed `<stage>.damaged-<time>` (kept for the user) and the stage runs again."""
+    damage = manifest_damage(stage_dir)
+    if damage is None:
+        return
+    aside = stage_dir.with_name(f"{stage_dir.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(stage_dir, aside)
+    log(f"[mr-ray] stage {stage_dir.name}: its manifest is damaged ({damage}); kept that folder as {aside.name} and running the stage again")
+
+
 def refuse_left_out(graph: Graph, asked: list[str]) -> None:
     """A ConfigError saying why, for a stage asked for that the graph leaves out (not merely unprepared)."""
     not_in_graph = {name: graph.left_out[name] for name in asked if name not in graph.names() and graph.left_out[name] != NOT_PREPARED}
@@ -505,6 +524,7 @@ def run_graph_stages(config, run_dir: Path, asked: list[str], only, force: bool,
         if not pending:
             break
         stage = pending[0]
+        set_aside_damaged(run_dir / stage.name, log)
         if not force and is_current(stage, config, run_dir):
             damage = output_damage(run_dir / stage.name, verify)
             if damage is None:

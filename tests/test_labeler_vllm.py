@@ -1,10 +1,12 @@
 """A real (tiny) vLLM labeling run through Ray Data, resumed after the first run was killed."""
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pytest
 
 from mr_ray.config import JudgeEngineConfig
+from mr_ray.labeler import engine
 from mr_ray.labeler.finetune import grade_logits_transformers
 from mr_ray.labeler.label import label_pairs
 from mr_ray.labeler.model import base_model_folder
@@ -108,3 +111,37 @@ def test_labeling_through_ray_data_and_vllm_resumes_after_a_kill(ray_local, judg
     turns = [render_pair(r.text, {"title": r.title, "brand": r.brand}) for r in lookup.itertuples()]
     reference, _ = normalise_logprobs(grade_logits_transformers(judge_model, turns))
     np.testing.assert_allclose(lookup[["p0", "p1", "p2"]].to_numpy(), reference, atol=2e-3)
+
+
+def test_the_engine_actors_hook_turns_vllms_shutdown_traceback_into_one_line_and_keeps_a_crashs(monkeypatch):
+    # The hook each engine actor runs (engine_processor sets it); vLLM's own AsyncLLM and logger, no engine needed.
+    from vllm.v1.engine import async_llm
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    monkeypatch.setattr(async_llm.AsyncLLM, "shutdown", async_llm.AsyncLLM.shutdown)  # restored after the test
+    monkeypatch.setattr(async_llm.logger, "filters", list(async_llm.logger.filters))
+    monkeypatch.setattr(engine, "_engine_shutting_down", threading.Event())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    async_llm.logger.addHandler(handler)
+    try:
+        env = engine.engine_actor_env(ENGINE)
+        assert env[engine.SETUP_HOOK_ENV] == "mr_ray.labeler.engine.quiet_engine_shutdown"
+        engine.quiet_engine_shutdown()
+
+        def handler_fails():
+            try:
+                raise EngineDeadError()
+            except EngineDeadError:
+                async_llm.logger.exception("AsyncLLM output_handler failed.")
+
+        handler_fails()  # the engine died while working: the traceback stays
+        async_llm.AsyncLLM.__new__(async_llm.AsyncLLM).shutdown()  # a clean shutdown (nothing started, nothing to stop)
+        handler_fails()  # vLLM's shutdown race
+    finally:
+        async_llm.logger.removeHandler(handler)
+    crash, shutdown = records
+    assert (crash.levelname, crash.getMessage(), crash.exc_info[0]) == ("ERROR", "AsyncLLM output_handler failed.", EngineDeadError)
+    assert (shutdown.levelname, shutdown.exc_info) == ("INFO", None)
+    assert "vllm-project/vllm#48745" in shutdown.getMessage()

@@ -207,6 +207,21 @@ def test_a_damaged_output_is_noticed_and_its_stage_rerun(tmp_path):
     assert value.read_text() == "new"
 
 
+@pytest.mark.parametrize("manifest", [b'{"stage": "produce", "files": {"value.t', b"\xff\xfe", b"[1, 2]"], ids=["truncated", "binary", "a list"])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_stage_with_a_damaged_manifest_is_kept_aside_and_rerun(tmp_path, manifest, force):
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE) == {"produce": "ran"}
+    (tmp_path / "produce" / "manifest.json").write_bytes(manifest)
+    (tmp_path / "produce" / "notes.txt").write_text("the user's")
+    log: list[str] = []
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE, force=force, log=log.append) == {"produce": "ran"}
+    (aside,) = tmp_path.glob("produce.damaged-*")
+    assert any("its manifest is damaged (" in line and f"kept that folder as {aside.name}" in line for line in log)
+    assert (aside / "notes.txt").read_text() == "the user's" and (aside / "manifest.json").read_bytes() == manifest
+    assert (tmp_path / "produce" / "value.txt").read_text() == "new"
+    assert run_pipeline(load_config(), tmp_path, stages=PRODUCE) == {"produce": "skipped"}
+
+
 def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "runs").write_text("not a folder")
     assert_one_error_line(mr_ray("run", "--run-dir", "runs", cwd=tmp_path), "runs is a file")

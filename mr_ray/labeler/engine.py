@@ -3,11 +3,52 @@ environment, the processor over rows that carry their prompt, and the causal-LM 
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from mr_ray.config import JudgeEngineConfig
+
+# Ray starts a worker with this variable set to a module path by calling that function first (how Ray itself
+# carries `runtime_env={"worker_process_setup_hook": "<module path>"}`); set per actor, it reaches only the engine's.
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+_engine_shutting_down = threading.Event()
+
+
+class EngineShutdownNoise(logging.Filter):
+    """Turns the `EngineDeadError` traceback that vLLM's AsyncLLM logs after a clean shutdown into one calm line.
+
+    `AsyncLLM.shutdown()` stops the engine core before it cancels the output handler, and the handler may
+    read the dead-engine marker first and log it as a failure with a traceback (vllm-project/vllm#48745;
+    fix proposed in #49000). Every Ray Data vLLM stage ends with that shutdown, so job logs would end with
+    a traceback after complete results. Only that record, and only once a shutdown began, is rewritten: an
+    engine that dies while working still logs its traceback (and its rows carry the error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if _engine_shutting_down.is_set() and type(error).__name__ == "EngineDeadError":
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args, record.exc_info, record.exc_text = ENGINE_STOPPED, (), None, None
+        return True
+
+
+ENGINE_STOPPED = "output handler stopped with the engine at shutdown (expected: vllm-project/vllm#48745)"
+
+
+def quiet_engine_shutdown() -> None:
+    """Worker set-up hook of the engine's actor: marks the start of AsyncLLM's shutdown and installs the filter."""
+    from vllm.v1.engine import async_llm
+
+    shutdown = async_llm.AsyncLLM.shutdown
+
+    def marked_shutdown(self, *args, **kwargs):
+        _engine_shutting_down.set()
+        return shutdown(self, *args, **kwargs)
+
+    async_llm.AsyncLLM.shutdown = marked_shutdown
+    async_llm.logger.addFilter(EngineShutdownNoise())
 
 
 def cpu_engine_env(engine: JudgeEngineConfig) -> dict[str, str]:
@@ -20,6 +61,12 @@ def cpu_engine_env(engine: JudgeEngineConfig) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": str(engine.cpu_threads),
     }
+
+
+def engine_actor_env(engine: JudgeEngineConfig) -> dict[str, str]:
+    """Environment of the engine's actor: the shutdown hook, and on CPU the CPU engine's settings."""
+    hook = {SETUP_HOOK_ENV: f"{__name__}.{quiet_engine_shutdown.__name__}"}
+    return hook if engine.num_gpus_per_replica > 0 else {**hook, **cpu_engine_env(engine)}
 
 
 def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preprocess, postprocess, task_type: str = "generate"):
@@ -40,7 +87,7 @@ def engine_processor(model_path: str | Path, engine: JudgeEngineConfig, preproce
             "dtype": engine.dtype,
         },
         placement_group_config={"bundles": [bundle] * engine.tensor_parallel_size},
-        runtime_env={"env_vars": {} if on_gpu else cpu_engine_env(engine)},
+        runtime_env={"env_vars": engine_actor_env(engine)},
         batch_size=engine.batch_size,
         concurrency=engine.concurrency,
         should_continue_on_error=True,  # a failing row is reported, not fatal
