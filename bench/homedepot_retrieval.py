@@ -50,7 +50,7 @@ VARIANTS = {
     "stage2-supcon": {"stage2.circle_weight": 0.0, "stage2.supcon_weight": 1.0},
 }
 SHARED_STAGES = {"no-mining": ("prepare", "stage1", "mine"), "stage2-supcon": ("prepare", "stage1", "mine"), "no-augmentation": ("prepare",)}
-COLUMNS = ["ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0"]
+COLUMNS = ["ndcg@10", "judged@10", "condensed_ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0"]
 
 
 def variant_config(data: Path, train_queries: int | None, variant: str, precision: str):

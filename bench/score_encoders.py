@@ -24,7 +24,7 @@ from mr_ray.embeddings import catalog_vectors
 from mr_ray.evaluate import load_split, score_encoder
 from mr_ray.retriever.encoder import load_encoder, resolve_precision
 
-SHOWN = ("ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0")
+SHOWN = ("ndcg@10", "judged@10", "condensed_ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0")
 
 
 def main() -> None:

@@ -157,6 +157,10 @@ class IndexConfig(Strict):
         "to stand for all its unjudged products (judged pairs are the hardest candidates, not the catalog a tier is cut from)"
     )
     calibration_seed: int = 0
+    exact_precision: float | None = Field(
+        0.8, gt=0.0, le=1.0, description="the Exact tier's threshold: the lowest score whose weighted precision on the calibration "
+        "pairs reaches this (a merchandiser trusts every product shown as exact); null: max F1, as the 1|0 boundary"
+    )
 
 
 class ServeConfig(Strict):
@@ -245,7 +249,12 @@ class MineConfig(Strict):
 
     k: int = Field(50, ge=1, description="neighbours searched per training query")
     index_factory: str = Field("Flat", description="FAISS index_factory string (inner product)")
-    unjudged_per_query: int = Field(4, ge=0, description="highest-ranked unjudged products kept per query")
+    unjudged_per_query: int = Field(4, ge=0, description="highest-ranked unjudged products kept per query and source")
+    sources: list[Literal["dense", "lexical", "hybrid"]] = Field(
+        ["dense"], min_length=1,
+        description="whose top-k the unjudged hard samples come from: the Stage-1 encoder's (dense), BM25's (lexical), "
+        "the weighted fusion the index serves (hybrid; its weight chosen on the mined queries' judgments)",
+    )
     boundary_per_query: int = Field(4, ge=0, description="judged products nearest a grade boundary kept per query")
     annotator: Literal["judge", "grades"] = Field(
         "judge",
@@ -299,6 +308,13 @@ class Stage2Config(TrainLoopConfig):
         description="SupCon term's weight of grade-1 positives; 0 leaves separating them to circle (sample dev: AUC(2 over 1) 0.7862 vs 0.7784 at 0.3, NDCG@10 0.7900 vs 0.7894)",
     )
     use_mined: bool = Field(True, description="False = ablation: no mined samples")
+    mined_labels: Literal["hard", "soft", "confident"] = Field(
+        "hard",
+        description="how the judge's re-annotation of a mined pair is trained on: its grade (hard), its probability of "
+        "each grade as a soft target of both losses (soft), or its grade only where its confidence reaches "
+        "`min_confidence` (confident); pairs graded from a table are hard grades in every mode",
+    )
+    min_confidence: float = Field(0.6, ge=0.0, le=1.0, description="mined_labels confident: the judge's probability of its grade a pair needs")
     keep_judged_grades: bool = Field(
         False,
         description="a mined pair that was already judged (human, label or audit) keeps that grade, and the judge's "
@@ -445,7 +461,8 @@ class JudgeConfig(Strict):
         "next-token grade (GPUs); none: no judge stages, training on the human labels only",
     )
     model: str | None = Field(
-        None, description="base model folder (or .gguf for causal_lm); None = packaged all-MiniLM-L6-v2 (cross_encoder) or SmolLM2-135M-Instruct GGUF (causal_lm)"
+        None, description="base model folder (or .gguf for causal_lm); None = packaged all-MiniLM-L6-v2 (cross_encoder) or SmolLM2-135M-Instruct GGUF (causal_lm); "
+        "all-mpnet-base-v2 = that model once `bash scripts/install_model.sh all-mpnet-base-v2` installed it (cross_encoder)"
     )
     engine: JudgeEngineConfig = JudgeEngineConfig()
     finetune: JudgeFinetuneConfig = JudgeFinetuneConfig()

@@ -4,7 +4,12 @@ Retrieval metrics come from `ranx`:
 - NDCG@10 with graded gains (gain = grade: exact 2, partial 1), so ranking an
   exact item above a partial one counts;
 - Recall@100 and Precision@10 of *exact* items (grade 2).
-Unjudged products count as grade 0. Score separation uses the judged pairs:
+Unjudged products count as grade 0. Where the judged pairs came from another
+system's results (a shop's own search, Home Depot), that full-catalog figure
+scores down a system for the relevant products it finds that were never judged
+(pool bias), so every row also carries judged@10 (the share of its top 10 that
+has a judgment) and condensed NDCG@10 (its ranking with the unjudged products
+removed; Sakai, SIGIR 2007). Score separation uses the judged pairs:
 mean score per grade and the AUCs of grade 2 over grade 1 and grade 1 over
 grade 0 (sklearn's ROC AUC), the quantities a search team thresholds on.
 
@@ -41,8 +46,24 @@ def qrels_dict(judgments: pd.DataFrame, min_grade: int = 1) -> dict[str, dict[st
     return out
 
 
+def judged_only(run: RunDict, judgments: pd.DataFrame) -> RunDict:
+    """The run with every product that has no judgment for its query removed, order kept (a condensed list)."""
+    judged = judgments.groupby(judgments["query_id"].astype(str))["product_id"].agg(lambda ids: set(ids.astype(str))).to_dict()
+    return {q: {p: s for p, s in docs.items() if p in judged.get(q, ())} for q, docs in run.items()}
+
+
+def judged_at(run: RunDict, condensed: RunDict, query_ids: list[str], k: int) -> float:
+    """Mean over `query_ids` of the share of the run's top k that is judged (of what it returned, if fewer)."""
+    shares = []
+    for q in query_ids:
+        top = sorted(run[q].items(), key=lambda item: -item[1])[:k]
+        shares.append(sum(p in condensed[q] for p, _ in top) / len(top) if top else 0.0)
+    return float(np.mean(shares)) if shares else 0.0
+
+
 def evaluate_retrieval(run: RunDict, judgments: pd.DataFrame, config: EvaluateConfig) -> dict:
-    """Graded NDCG, exact-item recall and precision of a run (ranx)."""
+    """Graded NDCG, exact-item recall and precision of a run (ranx), judged@k and condensed NDCG@k
+    (`judgments`: every judged pair of the run's queries, grade 0 included)."""
     graded = qrels_dict(judgments, min_grade=1)
     exact = qrels_dict(judgments, min_grade=2)
     results = {}
@@ -58,10 +79,16 @@ def evaluate_retrieval(run: RunDict, judgments: pd.DataFrame, config: EvaluateCo
         scores = scores if isinstance(scores, dict) else {metrics[0]: scores}
         if name == "graded":
             per_query = {str(q): float(v) for q, v in ranx_run.scores[metrics[0]].items()}
+            condensed = judged_only({q: run[q] for q in query_ids}, judgments)
+            results["judged"] = judged_at(run, condensed, query_ids, config.ndcg_k)
+            condensed_run = Run({q: docs or {"__none__": 0.0} for q, docs in condensed.items()})
+            results["condensed"] = float(evaluate(Qrels({q: qrels[q] for q in query_ids}), condensed_run, metrics[0], make_comparable=True))
         results.update({metric: float(value) for metric, value in scores.items()})
         results[f"n_queries_{name}"] = len(query_ids)
     return {
         "ndcg@10" if config.ndcg_k == 10 else f"ndcg@{config.ndcg_k}": results[f"ndcg@{config.ndcg_k}"],
+        f"judged@{config.ndcg_k}": results["judged"],
+        f"condensed_ndcg@{config.ndcg_k}": results["condensed"],
         f"recall@{config.recall_k}_exact": results[f"recall@{config.recall_k}"],
         f"precision@{config.precision_k}_exact": results[f"precision@{config.precision_k}"],
         "n_queries": results["n_queries_graded"],

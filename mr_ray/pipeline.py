@@ -71,9 +71,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("audit", "mr_ray.stages.judge:audit_stage", ("prepare", "judge_finetune", "label"), ("judge.engine", "judge.label", "judge.audit"), provides="judgments"),
     Stage("synthesize", "mr_ray.stages.judge:synthesize_stage", ("prepare", "judge_finetune"), ("judge.engine", "judge.label", "judge.synthesize"), provides="judgments"),
     Stage("stage1", "mr_ray.stages.train:stage1_stage", ("prepare", "label", "audit", "synthesize"), ("encoder.model", "encoder.max_seq_length", "stage1"), provides="encoder"),
-    Stage("mine", "mr_ray.stages.mine:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "judge.engine", "judge.label")),
+    Stage("mine", "mr_ray.stages.mine:mine_stage", ("prepare", "label", "audit", "synthesize", "stage1", "judge_finetune"), ("encoder", "stage1", "mine", "lexical", "judge.engine", "judge.label")),
     Stage("sweep", "mr_ray.stages.sweep:sweep_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine"),
-          ("encoder", "stage1", *(f"stage2.{name}" for name in SWEPT_STAGE2_FIELDS), "sweep"), provides="tuned"),
+          ("encoder", "stage1", *(f"stage2.{name}" for name in SWEPT_STAGE2_FIELDS), "sweep", "lexical", "serve.retrieval"), provides="tuned"),
     Stage("stage2", "mr_ray.stages.train:stage2_stage", ("prepare", "label", "audit", "synthesize", "stage1", "mine", "sweep"), ("encoder.max_seq_length", "stage1", "stage2"), provides="encoder"),
     # evaluate: `name` titles the report; `stage1.seed` and `stage1.max_train_queries` choose the st-mnrl baseline's train queries
     Stage("evaluate", "mr_ray.stages.evaluate:evaluate_stage", ("prepare", "judge_finetune", "label", "audit", "stage1", "stage2"),

@@ -39,6 +39,20 @@ def test_exact_recall_ignores_partials():
     assert metrics["recall@100_exact"] == pytest.approx(0.5)
 
 
+def test_judged_share_and_condensed_ndcg_see_past_unjudged_finds():
+    # q1's pool holds e (exact), p (partial), x (irrelevant); the run puts two unjudged products (u1, u2) on top.
+    truth = judgments([("q1", "e", 2), ("q1", "p", 1), ("q1", "x", 0), ("q2", "e2", 2)])
+    run = {"q1": {"u1": 0.99, "u2": 0.98, "p": 0.9, "x": 0.85, "e": 0.8}, "q2": {"e2": 0.5, "u3": 0.4}}
+    metrics = evaluate_retrieval(run, truth, EvaluateConfig())
+    assert metrics["judged@10"] == pytest.approx((3 / 5 + 1 / 2) / 2)
+    # condensed: u1, u2 removed, q1 ranks p, x, e; full-catalog NDCG counts u1, u2 as irrelevant
+    q1_condensed = dcg([1, 0, 2]) / dcg([2, 1, 0])
+    assert metrics["condensed_ndcg@10"] == pytest.approx((q1_condensed + 1.0) / 2, abs=1e-6)
+    q1_full = dcg([0, 0, 1, 0, 2]) / dcg([2, 1, 0])
+    assert metrics["ndcg@10"] == pytest.approx((q1_full + 1.0) / 2, abs=1e-6)
+    assert metrics["ndcg@10"] < metrics["condensed_ndcg@10"]
+
+
 def test_separation_metrics_hand_case():
     grades = np.array([2, 2, 1, 1, 0, 0])
     cosines = np.array([0.9, 0.6, 0.7, 0.4, 0.5, 0.1])
@@ -75,6 +89,17 @@ def test_bm25_stems_titles_and_queries_alike_and_keeps_its_analyzer_when_saved(t
     (tmp_path / "old" / LexicalIndex.ANALYZER_FILE).unlink()
     old = LexicalIndex.load(tmp_path / "old")
     assert old.stemmer is None and old.scores(["drills"]).max() == 0 and old.scores(["drill"])[0, 0] > 0
+
+
+def test_a_stemmed_index_survives_ray_serialization_and_reads_queries_the_same():
+    # The sweep ships the dev split's BM25 index to every Tune trial; PyStemmer's C stemmer does not pickle.
+    import ray.cloudpickle
+
+    index = LexicalIndex.build(["cordless drill 18v", "red running shoes"], LexicalConfig())
+    copied = ray.cloudpickle.loads(ray.cloudpickle.dumps(index))
+    assert copied.stemmer == "english"
+    np.testing.assert_array_equal(copied.scores(["drills", "shoe"]), index.scores(["drills", "shoe"]))
+    assert copied.scores(["drills"])[0, 0] > 0
 
 
 def test_an_unknown_stemmer_is_a_config_error():

@@ -137,6 +137,78 @@ def test_unjudged_random_products_lift_the_exact_cut_above_lookalikes():
     assert report["tiers"]["exact"] == {"precision": 1.0, "recall": round(2 / 3, 4)}
 
 
+def test_exact_cut_at_a_precision_target_is_the_lowest_cut_reaching_it():
+    # From the top: 1/1, 2/2, 2/3, 3/4, 4/5 (0.8), 4/6, 5/7, 6/8 exact products shown (of 6), then the grade-0 ones.
+    scores = [0.95, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60, 0.50, 0.10]
+    grades = [2, 2, 1, 2, 2, 1, 2, 2, 0, 0]
+    f1_cut, f1_report = calibrate_thresholds(scores, grades)
+    assert f1_cut.exact == pytest.approx((0.60 + 0.50) / 2)  # max F1 (6/7) shows every exact product at precision 0.75
+    assert "exact_precision" not in f1_report and f1_report["criterion"].startswith("max F1 per boundary")
+    thresholds, report = calibrate_thresholds(scores, grades, exact_precision=0.8)
+    # The lowest cut at precision >= 0.8 (the most recall there); 2/2 above 0.9 reaches it too, with less recall.
+    assert thresholds.exact == pytest.approx((0.75 + 0.70) / 2)
+    assert report["exact_precision"] == {"target": 0.8, "reached": True, "precision": 0.8, "recall": 0.6667}
+    assert report["tiers"]["exact"] == {"precision": 0.8, "recall": 0.6667}
+    assert report["f1"]["2|1"] == pytest.approx(2 * 0.8 * (2 / 3) / (0.8 + 2 / 3), abs=1e-4)
+    assert "precision >= 0.8" in report["criterion"] and "1|0: max F1" in report["criterion"]
+    assert thresholds.partial == pytest.approx((0.60 + 0.50) / 2)  # the 1|0 boundary stays max F1 (all 8 graded 1+ above it)
+    assert thresholds.grade([0.9, 0.72, 0.6, 0.2]).tolist() == [2, 1, 1, 0]
+    strict, strict_report = calibrate_thresholds(scores, grades, exact_precision=1.0)
+    assert strict.exact == pytest.approx((0.90 + 0.85) / 2) and strict_report["exact_precision"]["recall"] == 0.3333
+
+
+def test_exact_precision_target_counts_weights_and_says_when_out_of_reach():
+    # A sampled unjudged product at 0.90 stands for 3 catalog products: from the top 1/1, 2/2, 2/5, 3/6 exact.
+    scores = [0.95, 0.92, 0.90, 0.85, 0.60, 0.20]
+    grades = [2, 2, 0, 2, 1, 0]
+    weights = [1.0, 1.0, 3.0, 1.0, 1.0, 10.0]
+    thresholds, report = calibrate_thresholds(scores, grades, weights, exact_precision=0.7)
+    assert thresholds.exact == pytest.approx((0.92 + 0.90) / 2) and report["exact_precision"]["recall"] == 0.6667
+    unweighted, _ = calibrate_thresholds(scores, grades, exact_precision=0.7)
+    assert unweighted.exact == pytest.approx((0.85 + 0.60) / 2)  # counted once, the lookalike leaves 3/4 above 0.85
+    thresholds, report = calibrate_thresholds(scores, grades, weights, exact_precision=0.5)
+    assert thresholds.exact == pytest.approx((0.85 + 0.60) / 2) and report["exact_precision"]["precision"] == 0.5
+    # A lookalike (weight 2) outscores every exact product: from the top 0/2, 1/3, 2/4, 3/5, 3/6; nothing reaches 0.8,
+    # so the cut of highest precision (3/5) is taken and the report says so.
+    scores = [0.99, 0.95, 0.92, 0.85, 0.60, 0.20]
+    grades = [0, 2, 2, 2, 1, 0]
+    weights = [2.0, 1.0, 1.0, 1.0, 1.0, 10.0]
+    thresholds, report = calibrate_thresholds(scores, grades, weights, exact_precision=0.8)
+    assert thresholds.exact == pytest.approx((0.85 + 0.60) / 2)
+    target = report["exact_precision"]
+    assert (target["reached"], target["precision"], target["recall"]) == (False, 0.6, 1.0)
+    assert target["note"] == "no cut reaches precision 0.8: the exact tier is cut at the highest precision, 0.6"
+
+
+def test_tier_table_judges_each_mode_by_its_own_thresholds():
+    from mr_ray.search.thresholds import tier_table
+
+    by_mode = {"dense": GradeThresholds(0.7, 0.4), "lexical": GradeThresholds(0.8, 0.3), "hybrid": GradeThresholds(0.6, 0.4)}
+    dense = [0.9, 0.75, 0.5, 0.45, 0.2]
+    lexical = [1.0, 0.2, 0.9, 0.1, 0.0]  # hybrid at weight 0.5: 0.95, 0.475, 0.7, 0.275, 0.1
+    grades = [2, 2, 1, 0, 0]
+    weights = [1.0, 1.0, 1.0, 3.0, 10.0]  # the grade-0 product at dense 0.45 stands for 3
+    table = tier_table(by_mode, dense, lexical, grades, 0.5, weights)
+    assert table == {
+        "dense": {"exact": {"precision": 1.0, "recall": 1.0, "threshold": 0.7}, "exact+partial": {"precision": 0.5, "recall": 1.0, "threshold": 0.4}},
+        "lexical": {"exact": {"precision": 0.5, "recall": 0.5, "threshold": 0.8}, "exact+partial": {"precision": 1.0, "recall": 0.6667, "threshold": 0.3}},
+        "hybrid": {"exact": {"precision": 0.5, "recall": 0.5, "threshold": 0.6}, "exact+partial": {"precision": 1.0, "recall": 1.0, "threshold": 0.4}},
+    }
+    # A tier that shows nothing has no precision; a split without an exact product, no exact recall.
+    empty = tier_table(by_mode, [0.1, 0.1], [0.0, 0.0], [1, 0], 0.5)
+    assert empty["dense"]["exact"] == {"precision": None, "recall": None, "threshold": 0.7}
+
+
+def test_tiers_markdown_says_what_it_measured_on():
+    from mr_ray.stages.index import tiers_markdown
+
+    about = {"split": "test", "truth": "human judgments", "queries": 0, "judged_pairs": 0, "unjudged_pairs": 0,
+             "calibrated_on": "test", "exact_precision": None, "fusion_weight": 0.7, "modes": None}
+    text = tiers_markdown(about, {})
+    assert "exact: max F1" in text and "Not held out" in text and "No judged test queries: nothing to measure." in text
+    assert "| mode |" not in text
+
+
 def test_calibration_pairs_sample_unjudged_products_as_grade_zero(tmp_path):
     from mr_ray.config import IndexConfig
     from mr_ray.search.build import UNJUDGED_ASSUMPTION, calibration_pairs
@@ -191,7 +263,7 @@ def test_choose_encoder_prefers_stage2_then_stage1(tmp_path):
     assert choose_encoder([tmp_path / "stage1", tmp_path / "stage2"], EncoderConfig()) == (str(tmp_path / "stage2" / "model"), "stage2")
 
 
-def test_index_stage_on_the_sample_catalog(ray_local, tmp_path):
+def test_index_stage_on_the_sample_catalog(ray_local, tmp_path, caplog):
     config = load_config(
         None,
         {"data.sample.n_products": 300, "data.sample.n_queries": 80, "index.n_shards": 3, "index.factory": "HNSW16", "index.search_params": "efSearch=64"},
@@ -233,6 +305,35 @@ def test_index_stage_on_the_sample_catalog(ray_local, tmp_path):
     assert 0 < modes["hybrid"].partial <= modes["hybrid"].exact
     ndcg = {float(w): v for w, v in thresholds["retrieval"]["weights_ndcg@10"].items()}
     assert len(ndcg) == 11 and ndcg[weight] == max(ndcg.values())
+    # The exact tier is cut for precision 0.8 on dev (index.exact_precision's default), and said so.
+    for mode in modes:
+        report = thresholds["retrieval"][mode]["calibration"]
+        assert report["exact_precision"]["target"] == 0.8 and "precision >= 0.8" in report["criterion"]
+        if report["exact_precision"]["reached"]:
+            assert report["tiers"]["exact"]["precision"] >= 0.8
+    # Each tier's precision and recall on the held-out test split, with those dev thresholds: in the manifest and tiers.md.
+    tiers = stage_metrics["tiers"]
+    queries = pq.read_table(tmp_path / "prepare" / "queries").to_pandas()
+    gold = pq.read_table(tmp_path / "prepare" / "gold").to_pandas()
+    test_gold = gold[gold["query_id"].isin(queries.loc[queries["split"] == "test", "query_id"])]
+    assert {k: tiers[k] for k in ("split", "calibrated_on", "truth", "exact_precision", "fusion_weight")} == {
+        "split": "test", "calibrated_on": "dev", "truth": "gold", "exact_precision": 0.8, "fusion_weight": weight}
+    assert tiers["queries"] == test_gold["query_id"].nunique() > 0 and tiers["judged_pairs"] == len(test_gold)
+    assert tiers["unjudged_pairs"] == 200 * tiers["queries"]
+    table = (index_dir / "tiers.md").read_text()
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines() if line.startswith("| ") and not line.startswith("| mode")]
+    assert [(mode, tier) for mode, tier, *_ in rows] == [(m, t) for m in ("dense", "lexical", "hybrid") for t in ("exact", "exact+partial")]
+    for mode, tier, precision, recall, threshold in rows:
+        measured = tiers["modes"][mode][tier]
+        assert (float(precision), float(recall), float(threshold)) == (measured["precision"], measured["recall"], measured["threshold"])
+        assert measured["threshold"] == round(modes[mode].exact if tier == "exact" else modes[mode].partial, 4)
+        assert 0 < measured["recall"] <= 1 and 0 < measured["precision"] <= 1
+    assert "against gold" in table and f"{tiers['queries']} test queries" in table
+    # A mode whose exact cut never reached 0.8 on dev is named in one line of the stage's log and in tiers.md.
+    unreached = [mode for mode in modes if not thresholds["retrieval"][mode]["calibration"]["exact_precision"]["reached"]]
+    said = [record.getMessage() for record in caplog.records if "index.exact_precision" in record.getMessage()]
+    assert len(said) == (1 if unreached else 0) and all(f"{mode} 0." in said[0] for mode in unreached)
+    assert ("No exact cut reached precision 0.8" in table) == bool(unreached)
 
 
 # ---------------------------------------------------------------- hybrid: lexical shards and fusion

@@ -7,7 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mr_ray.retriever.losses import UNJUDGED, LabelAwareSupConLoss, MultiClassCircleLoss
+from mr_ray.retriever.losses import (
+    UNJUDGED,
+    LabelAwareSupConLoss,
+    MultiClassCircleLoss,
+    grade_probabilities,
+)
 
 
 def embeddings_with_cosines(cosines):
@@ -128,3 +133,21 @@ def test_losses_reject_bad_parameters():
         LabelAwareSupConLoss(partial_weight=1.0)
     with pytest.raises(ValueError, match="scale"):
         MultiClassCircleLoss(scale=-1.0)
+
+
+@pytest.mark.parametrize("loss", [LabelAwareSupConLoss(0.05, 0.0), LabelAwareSupConLoss(0.1, 0.3), MultiClassCircleLoss(32.0)], ids=["supcon", "supcon-partial", "circle"])
+def test_soft_labels_of_hard_grades_give_the_hard_loss_and_a_softer_label_a_smaller_pull(loss):
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(3, 8), dim=-1)
+    p = F.normalize(torch.randn(6, 8), dim=-1)
+    grades = torch.tensor([[2, 1, 0, -1, -1, -1], [-1, -1, -1, 2, 0, 1], [1, -1, 2, -1, 0, -1]])
+    assert torch.allclose(loss(q, p, grade_probabilities(grades)), loss(q, p, grades))
+    # The judge was only 60% sure that query 0's product 0 is exact: it is pulled up less.
+    soft = grade_probabilities(grades).clone()
+    soft[0, 0] = torch.tensor([0.1, 0.3, 0.6])
+    pull = {}
+    for name, labels in (("hard", grades), ("soft", soft)):
+        sims = p.clone().requires_grad_(True)
+        loss(q, sims, labels).backward()
+        pull[name] = float(-(sims.grad[0] @ q[0]))  # how much a step raises s(q0, p0)
+    assert 0 < pull["soft"] < pull["hard"]

@@ -309,7 +309,9 @@ def stand_ins(config) -> tuple[Stage, ...]:
 @pytest.mark.parametrize(
     ("change", "reruns"),
     [
-        ({"lexical.k1": 1.2}, ["evaluate", "index"]),  # the BM25 of the report and of the served index
+        # the BM25 that mining's lexical and hybrid sources, the sweep's hybrid objective, the report and the served index use
+        ({"lexical.k1": 1.2}, ["mine", "sweep", "stage2", "evaluate", "index"]),
+        ({"serve.retrieval": "dense"}, ["sweep", "stage2", "evaluate", "index"]),  # the served mode is what the sweep maximises
         ({"stage2.epochs": 3}, ["stage2", "evaluate", "index"]),  # how long Stage 2 trains: not the sweep's trials
         ({"stage2.learning_rate": 1e-4}, ["sweep", "stage2", "evaluate", "index"]),  # what the sweep's trials train with
         ({"encoder.max_seq_length": 32}, ["stage1", "mine", "sweep", "stage2", "evaluate", "index"]),  # one length: training to serving

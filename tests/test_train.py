@@ -116,7 +116,7 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
             "encoder.max_seq_length": SEQ,
             "stage1": {"max_train_queries": 16, **TINY_TRAIN},
             "stage2": {"max_train_queries": 16, **TINY_TRAIN},
-            "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2, "max_queries": 16},
+            "mine": {"k": 20, "unjudged_per_query": 2, "boundary_per_query": 2, "max_queries": 16, "sources": ["dense", "lexical"]},
             # values unlike Stage 2's own (scale 32, margins 0.25, temperature 0.05), its first trial: the trained params show which won
             "sweep": {"trials": 2, "epochs": 2, "max_train_queries": 8, "max_dev_queries": 8, "max_dev_products": 120,
                       "temperatures": [0.07, 0.1], "margins": [0.2, 0.3], "scales": [16.0, 24.0]},
@@ -133,6 +133,11 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
     assert mined["grade"].isin([0, 1, 2]).all()
     mine = read_manifest(tmp_path / "mine")["metrics"]
     assert mine["annotator"] == "grades:judgments" and "no judge ran" in mine["annotator_why"]
+    # hard samples from BM25's top-k too, each kept once, tagged with the source that found it
+    assert mine["unjudged_by_source"]["dense"] > 0 and mine["unjudged_by_source"]["lexical"] > 0
+    # Without a judge nobody grades the unjudged finds: only the judged boundary pairs are kept (each source's
+    # finds reaching the table, deduplicated: tests/test_mining.py).
+    assert set(mined["reason"]) == {"boundary"} and not mined.duplicated(["query_id", "product_id"]).any()
 
     # The limits that dropped train queries say so, in the log and in the manifest.
     queries = pd.read_parquet(tmp_path / "prepare" / "queries")
@@ -157,6 +162,7 @@ def test_without_a_judge_the_sweep_runs_before_stage2_and_its_best_params_train_
     assert drawn["margin_exact_partial"] in (0.2, 0.3) and drawn["margin_partial_irrelevant"] in (0.2, 0.3)
     top = max(best["trials"], key=lambda trial: trial["ndcg@10"])
     assert params == top["params"] and 0.0 < best["ndcg@10"] <= 1.0
+    assert best["objective"] == "dev NDCG@10 of the hybrid (encoder + BM25, weighted fusion)"  # serve.retrieval: hybrid
     # Stage 2 took the sweep's result as an input and trained with its best values: its manifest says so,
     # and so does the config its Ray Train worker logged to MLflow.
     stage2 = read_manifest(tmp_path / "stage2")

@@ -10,7 +10,11 @@ so the three agree to float precision.
 
 The base model defaults to the packaged all-MiniLM-L6-v2 (a sentence-
 transformers folder whose weights are a plain `BertModel`); the classifier
-head starts seeded-random. Any Hugging Face encoder path works the same way.
+head starts seeded-random. An installed optional model is named by its name
+(`all-mpnet-base-v2`, `mr_ray.installed_models`), and any Hugging Face encoder
+path works the same way. vLLM has no MPNet: a judge whose architecture vLLM
+does not serve labels with a plain `transformers` forward in Ray Data actors
+(`TransformersClassifier`), on the same engine rows.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mr_ray.config import JudgeEngineConfig, JudgeFinetuneConfig
+from mr_ray.config import ConfigError, JudgeEngineConfig, JudgeFinetuneConfig
 from mr_ray.grades import GRADE_NAMES
+from mr_ray.installed_models import INSTALLABLE, installed_model_folder
 from mr_ray.labeler.engine import engine_processor
 from mr_ray.labeler.finetune import checkpointed_training, run_trainer
 from mr_ray.labeler.prompt import PromptError, field_text, pair_texts
@@ -46,11 +51,17 @@ def is_cross_encoder(model_path: str | Path) -> bool:
 
 
 def base_model_folder(model: str | None) -> Path:
-    """The encoder the judge starts from: `model` (a Hugging Face folder) or the packaged all-MiniLM-L6-v2."""
-
-    path = Path(model) if model is not None else Path(pretrained_model_path())
+    """The encoder the judge starts from: the packaged all-MiniLM-L6-v2 (None), an installed model by name
+    (`all-mpnet-base-v2`; a one-line ConfigError naming its install command when it is not installed), or a
+    Hugging Face folder."""
+    if model is None:
+        path = Path(pretrained_model_path())
+    elif model in INSTALLABLE:
+        path = installed_model_folder(model)
+    else:
+        path = Path(model)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        raise ConfigError(f"judge.model {path}: not a Hugging Face model folder (no config.json)")
     return path
 
 
@@ -236,12 +247,77 @@ def engine_rows(strings: pd.DataFrame, model_path: str | Path) -> pd.DataFrame:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     encoded = encode(tokenizer, strings["query"], strings["product"], padding=False)
-    type_start = [types.index(1) if 1 in types else len(types) for types in encoded["token_type_ids"]]
+    # A tokenizer without token types (MPNet, RoBERTa) marks the pair with separators only: all type 0.
+    types_of = encoded.get("token_type_ids") or [[0] * len(ids) for ids in encoded["input_ids"]]
+    type_start = [types.index(1) if 1 in types else len(types) for types in types_of]
     return strings[["query_id", "product_id", "variant"]].assign(input_ids=encoded["input_ids"], type_start=type_start)
 
 
+# The sequence-classifier architectures vLLM implements itself (vllm/model_executor/models/registry.py,
+# _SEQUENCE_CLASSIFICATION_MODELS, text models); read from the folder's config, not by importing vLLM (12 s).
+VLLM_CLASSIFIERS = frozenset({
+    "BertForSequenceClassification", "GteNewForSequenceClassification", "ModernBertForSequenceClassification",
+    "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
+})
+
+
+def vllm_serves(model_path: str | Path) -> bool:
+    """True when vLLM implements the judge folder's architecture (the BERT family); MPNet it does not."""
+    architectures = json.loads((Path(model_path) / "config.json").read_text()).get("architectures") or []
+    return bool(architectures) and set(architectures) <= VLLM_CLASSIFIERS
+
+
+class TransformersClassifier:
+    """Ray Data actor for a judge vLLM does not serve: engine rows -> lp0..lp2 with a plain `transformers`
+    forward over the same token ids and token types that vLLM would get."""
+
+    def __init__(self, model_path: str, threads: int):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.typed = "token_type_ids" in tokenizer.model_input_names
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = [list(map(int, row)) for row in batch["input_ids"]]
+        longest = max(map(len, ids))
+        input_ids = torch.full((len(ids), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, row in enumerate(ids):  # right padding
+            input_ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if self.typed:
+            starts = torch.tensor(batch["type_start"].to_numpy(dtype=np.int64))[:, None]
+            inputs["token_type_ids"] = (torch.arange(longest)[None, :] >= starts).long() * mask
+        with torch.no_grad():
+            logprobs = torch.log_softmax(self.model(**inputs).logits.float(), dim=1).numpy()
+        return pd.DataFrame({
+            "query_id": batch["query_id"].to_numpy(), "product_id": batch["product_id"].to_numpy(),
+            "variant": batch["variant"].to_numpy(dtype=np.int64),
+            "lp0": logprobs[:, 0], "lp1": logprobs[:, 1], "lp2": logprobs[:, 2], "error": "",
+        })
+
+
+def transformers_processor(model_path: str | Path, engine: JudgeEngineConfig):
+    """Engine rows -> rows with lp0..lp2, through `engine.concurrency` Ray Data actors of `engine.cpu_threads` CPUs."""
+
+    def process(dataset):
+        return dataset.map_batches(
+            TransformersClassifier, fn_constructor_kwargs={"model_path": str(model_path), "threads": engine.cpu_threads},
+            batch_size=engine.batch_size, batch_format="pandas", concurrency=engine.concurrency, num_cpus=engine.cpu_threads,
+        )
+
+    return process
+
+
 def classify_processor(model_path: str | Path, engine: JudgeEngineConfig):
-    """`ray.data.llm` processor (vLLM pooling runner, classify): engine rows -> rows with lp0..lp2 (log-probabilities) or an error."""
+    """`ray.data.llm` processor (vLLM pooling runner, classify): engine rows -> rows with lp0..lp2 (log-probabilities) or an error.
+    A judge whose architecture vLLM does not implement (MPNet) gets `transformers_processor` instead."""
+    if not vllm_serves(model_path):
+        return transformers_processor(model_path, engine)
 
     def preprocess(row: dict) -> dict:
         return {

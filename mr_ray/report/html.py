@@ -16,7 +16,7 @@ import io
 from pathlib import Path
 
 GRADE_LABELS = {2: "exact", 1: "partial", 0: "irrelevant"}
-TABLE_COLUMNS = ["ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0", "fusion_weight"]
+TABLE_COLUMNS = ["ndcg@10", "judged@10", "condensed_ndcg@10", "recall@100_exact", "precision@10_exact", "auc_2_over_1", "auc_1_over_0", "fusion_weight"]
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; color: #222; }
 table { border-collapse: collapse; margin: .6rem 0 1.4rem; }

@@ -110,13 +110,16 @@ def render_stage_gains(systems: dict[str, dict]) -> str:
 
 def render_report(result: dict, title: str) -> str:
     """Markdown table of the systems."""
-    columns = ["ndcg@10", "recall@100_exact", "precision@10_exact", "mean_cos_grade2", "mean_cos_grade1", "mean_cos_grade0", "auc_2_over_1", "auc_1_over_0"]
+    columns = ["ndcg@10", "judged@10", "condensed_ndcg@10", "recall@100_exact", "precision@10_exact", "mean_cos_grade2", "mean_cos_grade1", "mean_cos_grade0", "auc_2_over_1", "auc_1_over_0"]
     lines = [
         f"# {title}",
         "",
         f"Split `{result['split']}`: {result['n_eval_queries']} queries, full-catalog retrieval; "
         f"{result['n_judged_pairs']} judged pairs for score separation. NDCG uses graded gains "
-        "(exact 2, partial 1); recall and precision count exact items only.",
+        "(exact 2, partial 1); recall and precision count exact items only. judged@10 is the share of a system's top 10 "
+        "that has a judgment and condensed NDCG@10 its NDCG@10 with unjudged products removed (Sakai 2007): where the "
+        "judgments came from another engine's results, full-catalog NDCG counts a system's unjudged finds as irrelevant. "
+        "A fused row draws on two top lists, so its condensed figure is not comparable with a single system's.",
         "",
         "| system | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),

@@ -4,7 +4,10 @@ The `sweep` stage runs after `mine`. Each trial trains a copy of the Stage-1
 encoder in-process with the same `run_epoch` as Ray Train's workers, on the
 judged + mined samples of the training queries (a seeded subset:
 `sweep.max_train_queries`), and reports dev NDCG@10 (full-catalog retrieval,
-graded gains) after every epoch; ASHA stops the weak trials early.
+graded gains) after every epoch; ASHA stops the weak trials early. The NDCG
+is the served mode's (`serve.retrieval`): under hybrid, the encoder fused with
+BM25 as the `index` stage fuses them (weight chosen on the same dev queries),
+so the sweep picks what helps the system a shop deploys.
 
 The result, `best_params.json` (the best values, their dev NDCG@10, every
 trial), is an input of `stage2`, which trains with those values
@@ -28,13 +31,14 @@ from mr_ray.config import (
     Stage2Config,
     SweepConfig,
 )
-from mr_ray.evaluate import ScoredSplit, load_split, score_encoder
+from mr_ray.evaluate import ScoredSplit, load_split, score_encoder, split_pair_lexical
 from mr_ray.pipeline import Limit, config_section, note_limit
 from mr_ray.retriever.encoder import encode, load_encoder, resolve_precision
 from mr_ray.retriever.examples import iter_frames, stage2_examples
 from mr_ray.retriever.loop import make_optimizer, run_epoch
 from mr_ray.retriever.stage_loss import stage_loss
 from mr_ray.retriever.two_tower import TwoTower
+from mr_ray.search.retrieval import LexicalIndex
 
 OBJECTIVE = "ndcg@10"
 BEST_PARAMS = "best_params.json"
@@ -71,16 +75,18 @@ def read_best_params(sweep_dir: Path) -> dict:
     return json.loads((sweep_dir / BEST_PARAMS).read_text())
 
 
-# A trial's score: dense retrieval only, NDCG@10 (recall at 10 keeps the search as shallow as the metric).
-TRIAL_SCORING = EvaluateConfig(split="dev", recall_k=10, hybrid=False)
+# A trial's score: NDCG@10 (recall at 10 keeps the search as shallow as the metric); hybrid rows when the split has BM25.
+TRIAL_SCORING = EvaluateConfig(split="dev", recall_k=10, hybrid=True)
+HYBRID_TRIAL = "trial+bm25 weighted"  # score_encoder's weighted-fusion row of an encoder named "trial"
 
 
 def dev_ndcg(model, dev: ScoredSplit, batch_size: int, precision: str) -> float:
-    """Dev NDCG@10 of an in-memory encoder, through the one scoring path (mr_ray.evaluate.score_encoder)."""
+    """Dev NDCG@10 of an in-memory encoder in the served mode (hybrid when `dev` carries BM25, see
+    `served_split`), through the one scoring path (mr_ray.evaluate.score_encoder)."""
     model.eval()
     catalog = encode(model, dev.products["title"].tolist(), batch_size, precision)
     systems, _, _ = score_encoder("trial", dev, model, catalog, TRIAL_SCORING, batch_size, precision)
-    return systems["trial"][OBJECTIVE]
+    return systems[HYBRID_TRIAL if dev.lexical is not None else "trial"][OBJECTIVE]
 
 
 def trial(params: dict, *, stage2: dict, epochs: int, encoder: dict, init_model: str, examples: pd.DataFrame, dev: ScoredSplit) -> None:
@@ -145,18 +151,31 @@ def run_sweep(config: RunConfig, init_model: str, examples: pd.DataFrame, dev: d
         for r in results
         if r.error is None
     ]
-    return {"params": best.config, OBJECTIVE: float(best.metrics_dataframe[OBJECTIVE].max()), "trials": trials}
+    return {"params": best.config, OBJECTIVE: float(best.metrics_dataframe[OBJECTIVE].max()), "objective": objective_name(config), "trials": trials}
 
 
 def sweep_data(prepared: Path, config: RunConfig, mined: pd.DataFrame | None, labeled: list[Path]) -> dict:
     """Stage 2's training rows (judged, with mined samples) and the dev split the trials are scored on."""
     sweep = config.sweep
     products, examples, _ = stage2_examples(
-        prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined, config.stage2.keep_judged_grades
+        prepared, config.stage1, Limit.of(config, "sweep.max_train_queries"), labeled, mined, trial_stage2(config)
     )
     scoring = TRIAL_SCORING.model_copy(update={"max_queries": sweep.max_dev_queries, "seed": sweep.seed})
     dev = load_split(prepared, scoring, products=products[["product_id", "title"]], limit_setting="sweep.max_dev_queries")
-    return {"examples": examples, "dev": trial_catalog(dev, Limit.of(config, "sweep.max_dev_products"), sweep.seed)}
+    dev = trial_catalog(dev, Limit.of(config, "sweep.max_dev_products"), sweep.seed)
+    return {"examples": examples, "dev": served_split(dev, config) if config.serve.retrieval == "hybrid" else dev}
+
+
+def served_split(dev: ScoredSplit, config: RunConfig) -> ScoredSplit:
+    """The trials' split with BM25 over its catalog, so trials score the hybrid the index serves; the
+    fusion weight is chosen on the same dev queries, as the index chooses it."""
+    lexical = LexicalIndex.build(dev.products["title"].tolist(), config.lexical)
+    return replace(dev, lexical=lexical, pair_lexical=split_pair_lexical(lexical, dev.products, dev.pairs), tuning=(dev.queries, dev.truth))
+
+
+def objective_name(config: RunConfig) -> str:
+    """What the sweep maximises, in words (for its result and the stage's log)."""
+    return f"dev NDCG@10 of the {'hybrid (encoder + BM25, weighted fusion)' if config.serve.retrieval == 'hybrid' else 'encoder alone'}"
 
 
 def trial_catalog(dev: ScoredSplit, limit: Limit, seed: int) -> ScoredSplit:

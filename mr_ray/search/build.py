@@ -7,7 +7,9 @@ every `n_products / n_shards` rows become one shard: its own FAISS index (any
 same titles, built from the memory-mapped vectors one shard at a time. Then the fusion
 weight and every retrieval mode's grade thresholds are calibrated on the
 held-out split (its judged pairs and a weighted random sample of the unjudged
-catalog, `calibration_pairs`), searched on the shards just built.
+catalog, `calibration_pairs`), searched on the shards just built, and each
+tier's precision and recall is measured the same way on other held-out
+queries (`tiers_on_shards`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mr_ray.search.shards import (
 from mr_ray.search.thresholds import (
     calibrate_retrieval,
     choose_fusion_weight,
+    tier_table,
 )
 
 
@@ -97,20 +100,25 @@ UNJUDGED_ASSUMPTION = (
 
 
 def calibration_pairs(prepared: Path, index_cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
-    """The calibration split's (query_id, text, product_id, grade, weight, judged) pairs, and what they hold.
+    """The calibration split's `catalog_pairs`; a split without judged pairs is an error."""
+    pairs, summary = catalog_pairs(prepared, index_cfg.calibration_split, index_cfg)
+    if pairs.empty:
+        raise ValueError(f"{prepared / 'judgments'}: no judged pairs for {index_cfg.calibration_split!r} queries to calibrate grade thresholds on")
+    return pairs, summary
+
+
+def catalog_pairs(prepared: Path, split: str, index_cfg: IndexConfig) -> tuple[pd.DataFrame, dict]:
+    """A split's (query_id, text, product_id, grade, weight, judged) pairs, and what they hold (none if it has no judged pairs).
 
     Judged pairs come from the run's truth (gold if prepare wrote it, else human
     judgments, as `evaluate` reads them), weight 1. Each query also gets a seeded
     random sample of `calibration_unjudged` catalog products not judged for it,
     grade 0, weight (its unjudged products / sampled), so the weighted pairs
-    hold the query's whole catalog: the tiers are cut against the products a
-    search meets, not the pool's hardest candidates only.
+    hold the query's whole catalog: the tiers are cut (and judged) against the
+    products a search meets, not the pool's hardest candidates only.
     """
-    split = index_cfg.calibration_split
     queries = read_table(prepared, "queries").to_pandas()
     judged = truth_table(prepared)[["query_id", "product_id", "grade"]].merge(queries[queries["split"] == split][["query_id", "text"]], on="query_id")
-    if judged.empty:
-        raise ValueError(f"{prepared / 'judgments'}: no judged pairs for {split!r} queries to calibrate grade thresholds on")
     catalog = read_table(prepared, "products").column("product_id").to_numpy(zero_copy_only=False).astype(str)
     rng = np.random.default_rng(index_cfg.calibration_seed)
     sampled = []
@@ -133,22 +141,34 @@ def calibration_pairs(prepared: Path, index_cfg: IndexConfig) -> tuple[pd.DataFr
     return pairs, summary
 
 
-def calibrate_on_shards(index_dir: Path, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig, model_path: str | None, precision: str) -> tuple[dict, float, dict]:
+def open_searcher(index_dir: Path, encoder_cfg: EncoderConfig, model_path: str | None) -> tuple[list, object]:
+    """The built shards and the query encoder, to calibrate and measure on."""
+    return open_shards(index_dir), load_encoder(model_path, "auto", encoder_cfg.max_seq_length)
+
+
+def calibrate_on_shards(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig,
+                        precision: str, exact_precision: float | None) -> tuple[dict, float, dict]:
     """Fusion weight and per-mode grade thresholds from the calibration pairs, searched on the built shards.
 
     The weight maximises the judged queries' hybrid NDCG@10 over the dense and
     lexical top-100; the thresholds sit on each mode's score of the weighted
-    pairs (BM25 from each product's own shard, over the query's best BM25 in the index).
+    pairs (BM25 from each product's own shard, over the query's best BM25 in the index),
+    the exact one at weighted precision `exact_precision` (max F1 if None).
     """
-    shards = open_shards(index_dir)
-    model = load_encoder(model_path, "auto", encoder_cfg.max_seq_length)
     queries = pairs[["query_id", "text"]].drop_duplicates("query_id")
     texts = queries["text"].tolist()
     candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode(model, texts, encoder_cfg.batch_size, precision), texts, 100)))
     weight, weights_ndcg = choose_fusion_weight(candidates, pairs[pairs["judged"]])
     dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size, precision)
-    by_mode, report = calibrate_retrieval(dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy())
+    by_mode, report = calibrate_retrieval(dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy(), exact_precision)
     return by_mode, weight, {**report, "weights_ndcg@10": {str(w): round(v, 4) for w, v in weights_ndcg.items()}}
+
+
+def tiers_on_shards(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig,
+                    precision: str, by_mode: dict, weight: float) -> dict[str, dict]:
+    """Each mode's `tier_table` on other pairs than the calibration's (held-out queries' `catalog_pairs`), scored as it was."""
+    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size, precision)
+    return tier_table(by_mode, dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy())
 
 
 def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], batch_size: int, precision: str) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,11 @@ class LexicalIndex:
         self.stemmer = stemmer
         self._stem = Stemmer.Stemmer(stemmer) if stemmer else None
 
+    def __reduce__(self):
+        # PyStemmer's stemmer is a C object that does not pickle; Ray ships the index to Tune
+        # trials and Data workers, so it travels as (retriever, stemmer name) and is rebuilt.
+        return (type(self), (self.retriever, self.stemmer))
+
     @property
     def n_docs(self) -> int:
         return int(self.retriever.scores["num_docs"])

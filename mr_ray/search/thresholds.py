@@ -11,9 +11,16 @@ the `index` stage adds, per held-out query, a seeded random sample of catalog
 products not judged for it, counted as grade 0, each weighted to stand for all
 of that query's unjudged products (mr_ray.search.build.calibration_pairs).
 
-Each boundary (2|1 and 1|0) gets the threshold that maximises F1 of
-"score >= threshold" against "grade above the boundary" over those weighted
-pairs: the catalog-wide precision and recall of the tier it opens.
+The 1|0 boundary gets the threshold that maximises F1 of "score >= threshold"
+against "grade above the boundary" over those weighted pairs: the
+catalog-wide precision and recall of the tier it opens. The 2|1 boundary
+(the Exact tier) is cut for precision instead (`index.exact_precision`): a
+merchandiser reads every product of the Exact tier as a match, and at max F1
+it held about two wrong products for each right one ("black cordless drill"
+listed yellow and pink drills). It is the lowest threshold whose weighted
+precision reaches the target, i.e. the most recall at that precision; where
+no threshold reaches it, the one of highest precision, said in the report.
+With no target (null) it is cut at max F1 too.
 
 Under hybrid retrieval the score is the weighted fusion of cosine and
 normalised BM25 (mr_ray.search.fusion): its weight is the one with the best
@@ -60,24 +67,47 @@ class GradeThresholds:
             raise ValueError(f"{path}: cannot read grade thresholds: {err}") from None
 
 
-def boundary_threshold(scores: np.ndarray, above: np.ndarray, weights: np.ndarray, boundary: str) -> tuple[float, float]:
-    """The threshold with the best weighted F1 of `score >= threshold` against `above`, and that F1.
-
-    The cut lies halfway between the lowest score counted as above and the
-    next lower score, so it does not sit on a calibration pair; of equal F1
-    the lowest cut wins (more recall).
-    """
+def weighted_curve(scores: np.ndarray, above: np.ndarray, weights: np.ndarray, boundary: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted precision, recall and F1 of `score >= cut` against `above` for every candidate cut, lowest cut first."""
     if above.all() or not above.any():
         side = "below" if above.all() else "above"
         raise ValueError(f"cannot calibrate boundary {boundary}: no judged pair {side} it ({len(scores)} pairs)")
     precision, recall, cuts = precision_recall_curve(above, scores, sample_weight=weights)
     precision, recall = precision[:-1], recall[:-1]  # the last point (precision 1, recall 0) has no threshold
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
-    best = int(np.argmax(f1))
-    cut = float(cuts[best])
+    return precision, recall, f1, cuts
+
+
+def threshold_below(scores: np.ndarray, cut: float) -> float:
+    """Halfway between the cut (a calibration score) and the next lower score, so the threshold does not sit on a calibration pair."""
     lower = scores[scores < cut]
-    threshold = (cut + float(lower.max())) / 2 if lower.size else cut
-    return threshold, float(f1[best])
+    return (cut + float(lower.max())) / 2 if lower.size else cut
+
+
+def boundary_threshold(scores: np.ndarray, above: np.ndarray, weights: np.ndarray, boundary: str) -> tuple[float, float]:
+    """The threshold with the best weighted F1 of `score >= threshold` against `above`, and that F1.
+
+    Of equal F1 the lowest cut wins (more recall).
+    """
+    _, _, f1, cuts = weighted_curve(scores, above, weights, boundary)
+    best = int(np.argmax(f1))
+    return threshold_below(scores, float(cuts[best])), float(f1[best])
+
+
+# Precision computed from float weights can land a hair under a target it meets exactly (0.8 as 0.79999...).
+PRECISION_SLACK = 1e-9
+
+
+def precision_target_threshold(scores: np.ndarray, above: np.ndarray, weights: np.ndarray, boundary: str, target: float) -> tuple[float, dict]:
+    """The lowest threshold whose weighted precision of `score >= threshold` against `above` reaches `target`
+    (of the cuts that reach it, the one with the most recall), or, if none does, the one of highest precision
+    (of equals the lowest). Returns it and {target, reached, precision, recall, f1} of that cut."""
+    precision, recall, f1, cuts = weighted_curve(scores, above, weights, boundary)
+    reaching = np.flatnonzero(precision >= target - PRECISION_SLACK)
+    reached = reaching.size > 0
+    best = int(reaching[0]) if reached else int(np.argmax(precision))  # cuts ascend: the first is the lowest
+    cut_quality = {"precision": round(float(precision[best]), 4), "recall": round(float(recall[best]), 4), "f1": round(float(f1[best]), 4)}
+    return threshold_below(scores, float(cuts[best])), {"target": target, "reached": reached, **cut_quality}
 
 
 def tier_quality(thresholds: GradeThresholds, scores, grades, weights=None) -> dict:
@@ -90,28 +120,40 @@ def tier_quality(thresholds: GradeThresholds, scores, grades, weights=None) -> d
         hits = weights[shown & relevant].sum()
         out[tier] = {
             "precision": round(float(hits / weights[shown].sum()), 4) if shown.any() else None,
-            "recall": round(float(hits / weights[relevant].sum()), 4),
+            "recall": round(float(hits / weights[relevant].sum()), 4) if relevant.any() else None,
         }
     return out
 
 
-def calibrate_thresholds(scores, grades, weights=None) -> tuple[GradeThresholds, dict]:
+def calibrate_thresholds(scores, grades, weights=None, exact_precision: float | None = None) -> tuple[GradeThresholds, dict]:
     """Thresholds for the boundaries 2|1 and 1|0 from (score, grade, weight) calibration pairs (weight 1 if none).
 
-    The 1|0 threshold is capped at the 2|1 one so the tiers stay ordered even
-    for an encoder that does not separate grades.
+    The 2|1 threshold reaches weighted precision `exact_precision` with the most
+    recall (`precision_target_threshold`), or maximises F1 if it is None; the
+    1|0 one maximises F1 and is capped at the 2|1 one so the tiers stay ordered
+    even for an encoder that does not separate grades.
     """
     scores = np.asarray(scores, dtype=np.float64)
     grades = np.asarray(grades)
     weights = np.ones(len(scores)) if weights is None else np.asarray(weights, dtype=np.float64)
     if not scores.shape == grades.shape == weights.shape or scores.ndim != 1:
         raise ValueError(f"scores {scores.shape}, grades {grades.shape} and weights {weights.shape} must be equal-length vectors")
-    exact, exact_f1 = boundary_threshold(scores, grades >= Grade.EXACT, weights, "2|1")
+    target = {}
+    if exact_precision is None:
+        exact, exact_f1 = boundary_threshold(scores, grades >= Grade.EXACT, weights, "2|1")
+        criterion = "max F1 per boundary"
+    else:
+        exact, target = precision_target_threshold(scores, grades >= Grade.EXACT, weights, "2|1", exact_precision)
+        exact_f1 = target.pop("f1")
+        criterion = f"2|1: the lowest cut with weighted precision >= {exact_precision} (most recall at that precision); 1|0: max F1"
+        if not target["reached"]:
+            target["note"] = f"no cut reaches precision {exact_precision}: the exact tier is cut at the highest precision, {target['precision']}"
     partial, partial_f1 = boundary_threshold(scores, grades >= Grade.PARTIAL, weights, "1|0")
     thresholds = GradeThresholds(exact=exact, partial=min(partial, exact))
     report = {
         "pairs": int(len(scores)),
-        "criterion": "max F1 per boundary, each pair weighted by the catalog products it stands for",
+        "criterion": f"{criterion}, each pair weighted by the catalog products it stands for",
+        **({"exact_precision": target} if target else {}),
         "f1": {"2|1": round(exact_f1, 4), "1|0": round(partial_f1, 4)},
         "tiers": tier_quality(thresholds, scores, grades, weights),
         "per_grade": {
@@ -138,13 +180,29 @@ def choose_fusion_weight(candidates: dict, judgments, weights=FUSION_WEIGHTS) ->
     return best, ndcg
 
 
-def calibrate_retrieval(dense, lexical_normalised, grades, weight: float, pair_weights=None) -> tuple[dict[str, GradeThresholds], dict]:
-    """Thresholds of every retrieval mode on its own score of the same calibration pairs."""
-
+def mode_scores(dense, lexical_normalised, weight: float) -> dict[str, np.ndarray]:
+    """Each retrieval mode's score of the same pairs: cosine, normalised BM25, and their weighted fusion."""
     scores = {"dense": np.asarray(dense, dtype=np.float64), "lexical": np.asarray(lexical_normalised, dtype=np.float64)}
     scores["hybrid"] = weighted_fusion(scores["dense"], scores["lexical"], weight)
-    calibrated = {mode: calibrate_thresholds(values, grades, pair_weights) for mode, values in scores.items()}
+    return scores
+
+
+def calibrate_retrieval(dense, lexical_normalised, grades, weight: float, pair_weights=None, exact_precision: float | None = None) -> tuple[dict[str, GradeThresholds], dict]:
+    """Thresholds of every retrieval mode on its own score of the same calibration pairs."""
+    scores = mode_scores(dense, lexical_normalised, weight)
+    calibrated = {mode: calibrate_thresholds(values, grades, pair_weights, exact_precision) for mode, values in scores.items()}
     return {mode: t for mode, (t, _) in calibrated.items()}, {mode: r for mode, (_, r) in calibrated.items()}
+
+
+def tier_table(by_mode: dict[str, GradeThresholds], dense, lexical_normalised, grades, weight: float, pair_weights=None) -> dict[str, dict]:
+    """{mode: {tier: {precision, recall, threshold}}}: each mode's tiers, cut by its thresholds, judged on
+    (score, grade, weight) pairs that were not calibrated on (held-out queries, weighted like the calibration's)."""
+    table = {}
+    for mode, scores in mode_scores(dense, lexical_normalised, weight).items():
+        quality = tier_quality(by_mode[mode], scores, grades, pair_weights)
+        cuts = {"exact": by_mode[mode].exact, "exact+partial": by_mode[mode].partial}
+        table[mode] = {tier: {**quality[tier], "threshold": round(cuts[tier], 4)} for tier in quality}
+    return table
 
 
 def save_retrieval_thresholds(folder: Path, by_mode: dict[str, GradeThresholds], weight: float, report: dict) -> None:

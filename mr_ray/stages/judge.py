@@ -100,7 +100,8 @@ def judge_finetune_stage(ctx: StageContext) -> dict:
     examples = finetune.balanced_subsample(available, cfg.finetune.max_examples, cfg.finetune.seed)
     note_limit(Limit.of(ctx.config, "judge.finetune.max_examples"), len(examples), len(available), "training labels")
     storage = _cache(ctx, f"judge-train-{cfg.kind}-{section_hash(cfg.finetune)}-{section_hash({'model': str(base), 'pairs': sorted(examples['query_id'] + '|' + examples['product_id'])})}")
-    metrics = judge.finetune(examples, base, cfg.finetune, storage, ctx.out / "model")
+    # Trained once per (base model files, training examples, fine-tune settings); another run reuses it.
+    metrics = finetune.cached_finetune(judge, examples, base, cfg.finetune, storage, ctx.out / "model")
 
     if cfg.finetune.grade_offsets:
         holdout_labels, calibration_labels = calibration_split(holdout_labels, cfg.finetune.seed)

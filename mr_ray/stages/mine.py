@@ -12,7 +12,14 @@ from mr_ray.labeler.label import label_pairs
 from mr_ray.pipeline import Limit
 from mr_ray.retriever.encoder import embed_dataset, in_blocks
 from mr_ray.retriever.examples import read_frame, training_set
-from mr_ray.retriever.mining import MINED_SOURCE, annotate, annotator, mine_hard_samples
+from mr_ray.retriever.mining import (
+    MINED_SOURCE,
+    annotate,
+    annotator,
+    mine_hard_samples,
+    top_lists,
+)
+from mr_ray.search.retrieval import LexicalIndex
 
 
 def judge_grades(ctx, judge: Path, mined: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame) -> tuple[pd.DataFrame, int]:
@@ -35,7 +42,10 @@ def mine_stage(ctx) -> dict:
     catalog = catalog_vectors(ctx.input("prepare") / "products", products, encoder, model, "stage1")  # evaluate's Stage 1 rows reuse them
     product_ids, product_vectors = catalog.ids, np.asarray(catalog.vectors)
     query_ids, query_vectors = embed_dataset(in_blocks(queries[["query_id", "text"]]), "query_id", "text", encoder, model)
-    mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config)
+    texts = queries.set_index("query_id").loc[query_ids, "text"].tolist()
+    lexical = LexicalIndex.build(products["title"].tolist(), ctx.config.lexical) if set(config.sources) - {"dense"} else None
+    lists, weight = top_lists(query_ids, query_vectors, texts, product_vectors, products, judgments, config, lexical)
+    mined = mine_hard_samples(query_ids, query_vectors, product_ids, product_vectors, judgments, config, lists)
     failed = 0
     judges = ctx.inputs_of("judge")
     who, why = annotator(config, judges)
@@ -55,4 +65,8 @@ def mine_stage(ctx) -> dict:
         }
         for reason in ("unjudged", "boundary")
     }
-    return {"queries": len(query_ids), "annotator": who, "annotator_why": why, "judge_failures": failed, "by_reason": by_reason}
+    by_source = {source: int(((mined["reason"] == "unjudged") & (mined["found_by"] == source)).sum()) for source in config.sources}
+    return {
+        "queries": len(query_ids), "annotator": who, "annotator_why": why, "judge_failures": failed, "by_reason": by_reason,
+        "unjudged_by_source": by_source, **({"hybrid_weight": weight} if weight is not None else {}),
+    }

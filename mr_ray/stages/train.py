@@ -56,7 +56,7 @@ def stage2_settings(ctx: StageContext) -> tuple:
         return config, {"source": "config (stage2)", "params": stage2_params(config)}
     best = read_best_params(swept[0])
     config = tuned_stage2(config, best["params"])
-    source = f"sweep (best of {len(best['trials'])} trials, dev NDCG@10 {best[OBJECTIVE]:.4f})"
+    source = f"sweep (best of {len(best['trials'])} trials, {best.get('objective', 'dev NDCG@10')} {best[OBJECTIVE]:.4f})"
     return config, {"source": source, "params": stage2_params(config)}
 
 
@@ -67,7 +67,7 @@ def stage2_stage(ctx: StageContext) -> dict:
     config, trained_with = stage2_settings(ctx)
     mined = read_frame(ctx.input("mine"), "mined") if config.use_mined else None
     _, examples, mined_count = stage2_examples(
-        ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"), mined, config.keep_judged_grades
+        ctx.input("prepare"), stage1, Limit.of(ctx.config, "stage2.max_train_queries"), ctx.inputs_of("judgments"), mined, config
     )
     storage, name = checkpoint_storage(ctx)
     metrics = train_encoder(
