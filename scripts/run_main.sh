@@ -14,7 +14,9 @@ DASHBOARD_PORT="${MR_RAY_DASHBOARD_PORT:-8265}"
 GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
 # Ray's dashboard agent listens on 52365 by default; with another Ray instance on the host holding it, this
 # head would never accept a job. A free port instead, unless MR_RAY_AGENT_PORT names one.
-AGENT_PORT="${MR_RAY_AGENT_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port_taken() { ! python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
+AGENT_PORT="${MR_RAY_AGENT_PORT:-$(free_port)}"
 export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
 export RAY_USAGE_STATS_ENABLED=0
 # Serve's environment (mr_ray/cluster.py) for the head, so `mr-ray serve` on a kept cluster serves as on its own.
@@ -23,6 +25,15 @@ eval "$(python -c 'from mr_ray.cluster import SERVE_ENVIRONMENT as env; print(" 
 mkdir -p "$(dirname "$RUN_DIR")"
 HEAD_PID=""
 if ! ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
+  # Another Ray instance on the host (an `mr-ray run`'s private cluster) may hold the dashboard port: the wait
+  # below would take its dashboard for ours and submit the job there. A free port instead, unless one was named.
+  if port_taken "$DASHBOARD_PORT"; then
+    if [[ -n "${MR_RAY_DASHBOARD_PORT:-}" ]]; then
+      echo "error: MR_RAY_DASHBOARD_PORT $DASHBOARD_PORT is in use by another process; name a free port" >&2; exit 2
+    fi
+    echo "[mr-ray] port $DASHBOARD_PORT is in use by another process: this cluster's dashboard takes a free port"
+    DASHBOARD_PORT="$(free_port)"
+  fi
   # Started from the venv, so the job's python is the venv's. --block keeps
   # the head in this script's hands: stopping it stops only this cluster.
   ray start --head --block --num-cpus "${MR_RAY_NUM_CPUS:-2}" --port "$GCS_PORT" --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 \
