@@ -112,15 +112,14 @@ def score_sets(name: str, path: str | None, split, query_sets: dict, prepared: P
     and the weighted fusion tuned on dev). Returns {system: {query set: metrics}}."""
     from mr_ray.embeddings import catalog_vectors
     from mr_ray.evaluate import score_encoder
-    from mr_ray.retriever.encoder import load_encoder, resolve_precision
+    from mr_ray.retriever.encoder import load_encoder
 
     catalog = catalog_vectors(prepared / "products", split.products, config.encoder, path, name)
     model = load_encoder(path, config.encoder.device, config.encoder.max_seq_length)
-    precision = resolve_precision(config.encoder.precision, config.encoder.device)
     scoring = config.evaluate.model_copy(update={"hybrid": hybrid})
     out: dict[str, dict] = {}
     for set_name, queries in query_sets.items():
-        systems, _, _ = score_encoder(name, split.with_queries(queries), model, catalog.vectors, scoring, config.encoder.batch_size, precision)
+        systems, _, _ = score_encoder(name, split.with_queries(queries), model, catalog.vectors, scoring, config.encoder.batch_size)
         for system, metrics in systems.items():
             if hybrid == (system != name):
                 out.setdefault(system, {})[set_name] = metrics

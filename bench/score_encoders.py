@@ -50,7 +50,7 @@ def main() -> None:
         start = time.time()
         catalog = catalog_vectors(args.prepared / "products", split.products, config.encoder, folder or None, name)
         model = load_encoder(folder or None, config.encoder.device, config.encoder.max_seq_length)
-        systems, _, _ = score_encoder(name, split, model, catalog.vectors, config.evaluate, config.encoder.batch_size, precision)
+        systems, _, _ = score_encoder(name, split, model, catalog.vectors, config.evaluate, config.encoder.batch_size)
         for system, metrics in systems.items():
             show(system, metrics, start)
     ray.shutdown()

@@ -49,8 +49,7 @@ from serve_latency import (  # bench/ is on sys.path when run as a script
     wait_healthy,
 )
 
-from mr_ray.cluster import use_serve_environment
-from mr_ray.serve.ports import free_port
+from mr_ray.cluster import private_haproxy, use_serve_environment
 
 CLIENT_TIMEOUT_S = 30.0
 
@@ -257,20 +256,6 @@ def report(soak: Soak, kills: list[Kill], grace: float, side_s: float) -> int:
     lost = soak.sent - len(soak.outcomes) + total["invalid 2xx"]
     print(f"\nlost silently: {lost}; failed outside the kill windows: {len(failed_outside)}")
     return 1 if lost or failed_outside else 0
-
-
-def private_haproxy(folder: Path) -> None:
-    """HAProxy's files and side ports of this cluster's own: Ray's defaults (/tmp/haproxy-serve,
-    ports 8404 and 9101) are shared by every Serve cluster on the machine."""
-    folder.mkdir(parents=True, exist_ok=True)
-    os.environ.update({
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-    })
 
 
 def build_index(run_dir: Path, products: int) -> None:

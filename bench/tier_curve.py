@@ -47,7 +47,7 @@ def main() -> None:
     for split in args.splits:
         pairs, _ = catalog_pairs(prepared, split, config.index)
         kept = {pid: by_id[pid] for pid in set(pairs["product_id"])}
-        dense, lexical = pair_retrieval_scores(shards, model, pairs, kept, config.encoder.batch_size, manifest["encoder"]["precision"])
+        dense, lexical = pair_retrieval_scores(shards, model, pairs, kept, config.encoder.batch_size)
         exact = pairs["grade"].to_numpy() >= Grade.EXACT
         for mode, scores in mode_scores(dense, lexical, weight).items():
             precision, recall, _ = precision_recall_curve(exact, scores, sample_weight=pairs["weight"].to_numpy())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Ray Serve's high-throughput setup (Ray >= 2.56, as Ray's docs give it for serving):
 # RAY_SERVE_THROUGHPUT_OPTIMIZED runs replica user code and routers on the replica's
@@ -32,6 +33,24 @@ def use_serve_environment() -> None:
     so a local cluster started from here inherits it."""
     for key, value in SERVE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+
+
+def private_haproxy(folder: Path) -> None:
+    """Give the Serve cluster started from this process HAProxy files and side ports of its own: Ray's
+    defaults (/tmp/haproxy-serve, ports 8404 and 9101) are shared by every Serve cluster on the machine, so
+    a second one's HAProxy cannot bind them and its proxy dies (two test workers, a bench beside a service).
+    `folder` must be short: HAProxy adds the node id to its socket path (at most 107 bytes)."""
+    from mr_ray.serve.ports import free_port
+
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.update({
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    })
 
 
 def init_ray(address: str | None = None) -> None:

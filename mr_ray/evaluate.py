@@ -20,11 +20,7 @@ from mr_ray.embeddings import catalog_vectors
 from mr_ray.metrics import PER_QUERY_NDCG, evaluate_retrieval, separation_metrics
 from mr_ray.pipeline import Limit, note_limit
 from mr_ray.report.plots import plot_histograms
-from mr_ray.retriever.encoder import (
-    encode,
-    load_encoder,
-    resolve_precision,
-)
+from mr_ray.retriever.encoder import encode_queries, load_encoder
 from mr_ray.search.fusion import normalise_lexical, weighted_fusion
 from mr_ray.search.retrieval import (
     LexicalIndex,
@@ -163,24 +159,24 @@ def scored_depth(config: EvaluateConfig) -> int:
     return max(config.ndcg_k, config.recall_k, config.precision_k)
 
 
-def score_encoder(name: str, split: ScoredSplit, model, catalog: np.ndarray, config: EvaluateConfig, batch_size: int = 128, precision: str = "fp32") -> tuple[dict[str, dict], dict[str, RunDict], np.ndarray]:
+def score_encoder(name: str, split: ScoredSplit, model, catalog: np.ndarray, config: EvaluateConfig, batch_size: int = 128) -> tuple[dict[str, dict], dict[str, RunDict], np.ndarray]:
     """Score one encoder on a split: full-catalog retrieval (exact inner product over `catalog`, its vectors of
     the split's products in their row order), the grade separation of the judged pairs and, when the split has
-    BM25 and `config.hybrid`, its hybrid rows. Queries are encoded by `model` as the catalog was (`precision`).
+    BM25 and `config.hybrid`, its hybrid rows. Queries are encoded by `model` in fp32 (`encode_queries`), as served.
     Returns ({row name: metrics}, {row name: run}, the judged pairs' cosines). The one scoring path: the
     evaluate stage, `mr-ray evaluate`, the sweep's trials and the benches all call it."""
     k = scored_depth(config)
     queries = split.queries
     product_ids = split.products["product_id"].astype(str).to_numpy()
-    query_vectors = encode(model, queries["text"].tolist(), batch_size, precision)
+    query_vectors = encode_queries(model, queries["text"].tolist(), batch_size)
     index = build_faiss_index(np.ascontiguousarray(catalog, dtype=np.float32), "Flat")
     scores, rows = index.search(query_vectors, min(k, len(product_ids)))
     runs = {name: run_from_rows(product_ids, queries["query_id"], rows, scores)}
-    cosines = pair_scores(model, split.pairs, batch_size, dict(zip(product_ids, catalog)), precision)
+    cosines = pair_scores(model, split.pairs, batch_size, dict(zip(product_ids, catalog)))
     systems = {name: {**evaluate_retrieval(runs[name], split.truth, config), **separation_metrics(split.pairs["grade"].to_numpy(), cosines)}}
     if config.hybrid and split.lexical is not None:
         shard = ShardIndex("catalog", index, product_ids.tolist(), split.products["title"].tolist(), split.lexical)
-        dev_vectors = encode(model, split.tuning[0]["text"].tolist(), batch_size, precision) if split.tuning is not None else None
+        dev_vectors = encode_queries(model, split.tuning[0]["text"].tolist(), batch_size) if split.tuning is not None else None
         rows_, hybrid_runs = hybrid_rows(name, split, shard, query_vectors, dev_vectors, cosines, config, k)
         systems.update(rows_)
         runs.update(hybrid_runs)
@@ -219,12 +215,11 @@ def evaluate_systems(
     runs: dict[str, RunDict] = {}
     if "bm25" in config.baselines:
         systems["bm25"], runs["bm25"] = score_bm25(split, config)
-    precision = resolve_precision(encoder.precision, encoder.device)
     cosines_by_system = {}
     for name, path in models.items():
         catalog = catalog_vectors(prepared / "products", split.products, encoder, path, name)
         model = load_encoder(path, encoder.device, encoder.max_seq_length)
-        rows, system_runs, cosines_by_system[name] = score_encoder(name, split, model, catalog.vectors, config, encoder.batch_size, precision)
+        rows, system_runs, cosines_by_system[name] = score_encoder(name, split, model, catalog.vectors, config, encoder.batch_size)
         systems.update(rows)
         runs.update(system_runs)
     if plot_path is not None and cosines_by_system:

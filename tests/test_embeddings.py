@@ -15,6 +15,7 @@ from mr_ray.pipeline import _EMBEDDINGS
 from mr_ray.retriever.encoder import (
     cpu_has_native_bf16,
     encode,
+    encode_queries,
     load_encoder,
     pretrained_model_path,
     resolve_precision,
@@ -85,3 +86,12 @@ def test_precision_auto_takes_bf16_only_where_the_cpu_has_it():
     model = load_encoder(None, "cpu", 48)
     texts = ["cordless drill 20v", "red running shoes size 9", "black leather sofa"]
     assert (encode(model, texts, precision="bf16") * encode(model, texts)).sum(axis=1).min() > 0.99
+
+
+def test_a_query_vector_does_not_depend_on_the_queries_it_is_batched_with():
+    # Serving batches concurrent requests; bf16 autocast would move a query's vector with its neighbours.
+    model = load_encoder(None, "cpu", 48)
+    texts = ["black cordless drill", "led light bulb 60w", "stainless kitchen faucet with pull down sprayer", "rug", "garden hose 50 ft"]
+    alone = np.vstack([encode_queries(model, [text]) for text in texts])
+    np.testing.assert_allclose(encode_queries(model, texts), alone, atol=1e-6)
+    np.testing.assert_array_equal(alone, np.vstack([encode(model, [text]) for text in texts]))  # fp32, whatever the catalog's precision

@@ -73,6 +73,14 @@ def encode(model, texts: list[str], batch_size: int = 128, precision: str = "fp3
     return vectors.astype(np.float32, copy=False)
 
 
+def encode_queries(model, texts: list[str], batch_size: int = 128) -> np.ndarray:
+    """Query vectors, always fp32, whatever precision embedded the catalog. Under bf16 autocast a text's vector
+    depends on the batch it shares (4.7e-4 apart alone and in a batch of 8, on an AMX CPU), so a served answer
+    would depend on its neighbours' queries; queries are short, and bf16 bought no speed for them there
+    (docs/measurements-sample.md, "Queries in fp32")."""
+    return encode(model, texts, batch_size, "fp32")
+
+
 class _EmbedBatch:
     """Ray Data actor: loads the encoder once, embeds batches of texts with as many torch threads as it holds CPUs."""
 

@@ -85,7 +85,7 @@ def dev_ndcg(model, dev: ScoredSplit, batch_size: int, precision: str) -> float:
     `served_split`), through the one scoring path (mr_ray.evaluate.score_encoder)."""
     model.eval()
     catalog = encode(model, dev.products["title"].tolist(), batch_size, precision)
-    systems, _, _ = score_encoder("trial", dev, model, catalog, TRIAL_SCORING, batch_size, precision)
+    systems, _, _ = score_encoder("trial", dev, model, catalog, TRIAL_SCORING, batch_size)
     return systems[HYBRID_TRIAL if dev.lexical is not None else "trial"][OBJECTIVE]
 
 

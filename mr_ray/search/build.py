@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from mr_ray.config import EncoderConfig, IndexConfig, LexicalConfig
 from mr_ray.data.prepare import read_table
 from mr_ray.evaluate import truth_table
-from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.retriever.encoder import encode_queries, load_encoder
 from mr_ray.search.fusion import normalise_lexical
 from mr_ray.search.retrieval import LexicalIndex, build_faiss_index, pair_scores
 from mr_ray.search.shards import (
@@ -147,7 +147,7 @@ def open_searcher(index_dir: Path, encoder_cfg: EncoderConfig, model_path: str |
 
 
 def calibrate_on_shards(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig,
-                        precision: str, exact_precision: float | None) -> tuple[dict, float, dict]:
+                        exact_precision: float | None) -> tuple[dict, float, dict]:
     """Fusion weight and per-mode grade thresholds from the calibration pairs, searched on the built shards.
 
     The weight maximises the judged queries' hybrid NDCG@10 over the dense and
@@ -157,23 +157,23 @@ def calibrate_on_shards(shards: list, model, pairs: pd.DataFrame, product_vector
     """
     queries = pairs[["query_id", "text"]].drop_duplicates("query_id")
     texts = queries["text"].tolist()
-    candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode(model, texts, encoder_cfg.batch_size, precision), texts, 100)))
+    candidates = dict(zip(queries["query_id"], search_shards_both(shards, encode_queries(model, texts, encoder_cfg.batch_size), texts, 100)))
     weight, weights_ndcg = choose_fusion_weight(candidates, pairs[pairs["judged"]])
-    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size, precision)
+    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size)
     by_mode, report = calibrate_retrieval(dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy(), exact_precision)
     return by_mode, weight, {**report, "weights_ndcg@10": {str(w): round(v, 4) for w, v in weights_ndcg.items()}}
 
 
 def tiers_on_shards(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], encoder_cfg: EncoderConfig,
-                    precision: str, by_mode: dict, weight: float) -> dict[str, dict]:
+                    by_mode: dict, weight: float) -> dict[str, dict]:
     """Each mode's `tier_table` on other pairs than the calibration's (held-out queries' `catalog_pairs`), scored as it was."""
-    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size, precision)
+    dense, lexical = pair_retrieval_scores(shards, model, pairs, product_vectors, encoder_cfg.batch_size)
     return tier_table(by_mode, dense, lexical, pairs["grade"].to_numpy(), weight, pairs["weight"].to_numpy())
 
 
-def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], batch_size: int, precision: str) -> tuple[np.ndarray, np.ndarray]:
+def pair_retrieval_scores(shards: list, model, pairs: pd.DataFrame, product_vectors: dict[str, np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Each (query `text`, product) pair's cosine and normalised BM25: its BM25 in its product's shard over its query's best BM25 in any shard."""
-    dense = pair_scores(model, pairs, batch_size, product_vectors, precision)  # also refuses products not in the catalog
+    dense = pair_scores(model, pairs, batch_size, product_vectors)  # also refuses products not in the catalog
     lexical, best = np.zeros(len(pairs)), np.zeros(len(pairs))
     for shard in shards:
         product_row = pairs["product_id"].map({pid: i for i, pid in enumerate(shard.product_ids[:-1])}).fillna(-1).astype(int).to_numpy()

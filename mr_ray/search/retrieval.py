@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from mr_ray.config import LexicalConfig
-from mr_ray.retriever.encoder import encode
+from mr_ray.retriever.encoder import encode, encode_queries
 
 RunDict = dict[str, dict[str, float]]
 
@@ -154,7 +154,7 @@ def lexical_search(index: LexicalIndex, product_ids: np.ndarray, queries: pd.Dat
 
 
 def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: dict[str, np.ndarray] | None = None, precision: str = "fp32") -> np.ndarray:
-    """Cosine of each (query `text`, product) pair; product vectors from `product_vectors` or encoded from `title`."""
+    """Cosine of each (query `text`, product) pair; product vectors from `product_vectors` or encoded from `title` (in `precision`)."""
     if product_vectors is not None:
         missing = sorted(set(pairs["product_id"]) - product_vectors.keys())
         if missing:
@@ -163,7 +163,7 @@ def pair_scores(model, pairs: pd.DataFrame, batch_size: int, product_vectors: di
         titles = pairs[["product_id", "title"]].drop_duplicates("product_id")
         product_vectors = dict(zip(titles["product_id"], encode(model, titles["title"].tolist(), batch_size, precision)))
     query_texts = pairs["text"].drop_duplicates().tolist()
-    query_vectors = dict(zip(query_texts, encode(model, query_texts, batch_size, precision)))
+    query_vectors = dict(zip(query_texts, encode_queries(model, query_texts, batch_size)))
     q = np.stack([query_vectors[t] for t in pairs["text"]])
     p = np.stack([product_vectors[i] for i in pairs["product_id"]])
     return np.einsum("ij,ij->i", q, p)

@@ -48,11 +48,6 @@ def index_encoder_path(index_dir: str | Path, manifest: dict) -> str | None:
     return str((Path(index_dir) / stored).resolve())
 
 
-def index_precision(manifest: dict) -> str:
-    """The precision the index's catalog was embedded with, for the queries (an index from before it was recorded: fp32)."""
-    return manifest["encoder"].get("precision", "fp32")
-
-
 @dataclass
 class Hits:
     """Top-k per query: scores (nq, k) float32, -inf where fewer than k products exist."""

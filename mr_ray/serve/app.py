@@ -43,12 +43,11 @@ from typing_extensions import Annotated
 from mr_ray.cluster import init_ray
 from mr_ray.config import ServeConfig
 from mr_ray.grades import GRADE_NAMES, Grade
-from mr_ray.retriever.encoder import encode, load_encoder
+from mr_ray.retriever.encoder import encode_queries, load_encoder
 from mr_ray.search.fusion import Candidates
 from mr_ray.search.shards import (
     ShardIndex,
     index_encoder_path,
-    index_precision,
     merge_candidates,
     open_shards,
     read_index_manifest,
@@ -77,9 +76,8 @@ class ServeArgs(ServeConfig):
 class QueryEncoder:
     """Encodes lists of query texts, batching the calls that queue up while a batch runs."""
 
-    def __init__(self, model_path: str | None, device: str, max_seq_length: int, precision: str, max_batch_size: int, batch_wait_timeout_s: float):
+    def __init__(self, model_path: str | None, device: str, max_seq_length: int, max_batch_size: int, batch_wait_timeout_s: float):
         self.model = load_encoder(model_path, device, max_seq_length)
-        self.precision = precision  # as the index's catalog vectors were embedded
         self.encode_batch.set_max_batch_size(max_batch_size)
         self.encode_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -87,7 +85,7 @@ class QueryEncoder:
     async def encode_batch(self, text_lists: list[list[str]]) -> list[np.ndarray]:
         texts = [text for texts in text_lists for text in texts]
         # In a thread, so calls keep queueing (and form the next batch) while this one encodes.
-        vectors = await asyncio.to_thread(encode, self.model, texts, len(texts), self.precision)
+        vectors = await asyncio.to_thread(encode_queries, self.model, texts, len(texts))
         return np.split(vectors, np.cumsum([len(texts) for texts in text_lists])[:-1])
 
     async def __call__(self, texts: list[str]) -> np.ndarray:
@@ -149,7 +147,6 @@ class SearchIngress:
         if self.options.colocate:
             model_path = index_encoder_path(index_dir, manifest)
             self.model = load_encoder(model_path, self.options.encoder_device, manifest["encoder"]["max_seq_length"])
-            self.precision = index_precision(manifest)
             self.local_shards = open_shards(index_dir)
         self.thresholds = {mode: GradeThresholds(**values) for mode, values in thresholds.items()}
         self.fusion_weight = fusion_weight
@@ -225,7 +222,7 @@ class SearchIngress:
 
     def search_here(self, queries: list[str], k: int) -> list[Candidates]:
         """Colocated: encode and search every shard in this replica."""
-        vectors = encode(self.model, queries, len(queries), self.precision)
+        vectors = encode_queries(self.model, queries, len(queries))
         return search_shards_both(self.local_shards, vectors, queries, k)
 
     async def search_replicas(self, queries: list[str], k: int) -> tuple[list[Candidates], list[str]]:
@@ -299,7 +296,6 @@ def build_app(args: dict):
             index_encoder_path(index_dir, manifest),
             options.encoder_device,
             manifest["encoder"]["max_seq_length"],
-            index_precision(manifest),
             options.encoder_max_batch_size,
             options.encoder_batch_wait_timeout_s,
         )

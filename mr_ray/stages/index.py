@@ -70,7 +70,7 @@ def index_stage(ctx) -> dict:
     kept = {pid: by_id[pid] for pid in scored if pid in by_id}  # an unknown product is refused by pair_scores
     opened, model = open_searcher(ctx.out, config.encoder, model_path)
     exact_precision = config.index.exact_precision
-    by_mode, weight, report = calibrate_on_shards(opened, model, pairs, kept, config.encoder, precision, exact_precision)
+    by_mode, weight, report = calibrate_on_shards(opened, model, pairs, kept, config.encoder, exact_precision)
     save_retrieval_thresholds(ctx.out, by_mode, weight, {mode: {**calibration, **r} if mode in by_mode else r for mode, r in report.items()})
     unreached = {mode: report[mode]["exact_precision"]["precision"] for mode in by_mode if not report[mode].get("exact_precision", {}).get("reached", True)}
     if unreached:
@@ -81,7 +81,7 @@ def index_stage(ctx) -> dict:
         "calibrated_on": calibration["split"],
         "exact_precision": exact_precision,
         "fusion_weight": weight,
-        "modes": tiers_on_shards(opened, model, held_out, kept, config.encoder, precision, by_mode, weight) if len(held_out) else None,
+        "modes": tiers_on_shards(opened, model, held_out, kept, config.encoder, by_mode, weight) if len(held_out) else None,
     }
     (ctx.out / TIERS_FILE).write_text(tiers_markdown(tiers, unreached))
     thresholds = by_mode["dense"]
