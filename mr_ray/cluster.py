@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mr_ray.serve.ports import free_port
+
 # Ray Serve's high-throughput setup (Ray >= 2.56, as Ray's docs give it for serving):
 # RAY_SERVE_THROUGHPUT_OPTIMIZED runs replica user code and routers on the replica's
 # main event loop, gRPC between replicas, buffered request logs; RAY_SERVE_ENABLE_HA_PROXY
@@ -40,8 +42,6 @@ def private_haproxy(folder: Path) -> None:
     defaults (/tmp/haproxy-serve, ports 8404 and 9101) are shared by every Serve cluster on the machine, so
     a second one's HAProxy cannot bind them and its proxy dies (two test workers, a bench beside a service).
     `folder` must be short: HAProxy adds the node id to its socket path (at most 107 bytes)."""
-    from mr_ray.serve.ports import free_port
-
     folder.mkdir(parents=True, exist_ok=True)
     os.environ.update({
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
