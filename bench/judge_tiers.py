@@ -45,19 +45,26 @@ from mr_ray.search.thresholds import (
 )
 
 
-def top_k_pairs(run_dir: Path, split: str, k: int, prepared: Path) -> pd.DataFrame:
-    """(query_id, product_id, rank, score, grade) of the index's hybrid top k for the split's judged queries."""
+def hybrid_candidates(run_dir: Path, prepared: Path, splits: tuple[str, ...], depth: int) -> dict[str, tuple[pd.DataFrame, list]]:
+    """Each split's judged queries and their candidates from the run's index, each side searched to `depth` (the
+    service searches to `serve.max_k`; a K above it searches deeper for every K), the encoder loaded and the
+    shards opened once: every K's top list is a prefix of the same fused ranking."""
     index_dir = run_dir / "index"
     manifest = read_index_manifest(index_dir)
-    thresholds, weight = load_retrieval_thresholds(index_dir)
     model = load_encoder(index_encoder_path(index_dir, manifest), "auto", manifest["encoder"]["max_seq_length"])
-    queries = read_table(prepared, "queries").to_pandas()
-    truth = truth_table(prepared)[["query_id", "product_id", "grade"]].astype({"query_id": str, "product_id": str})
-    queries = queries[(queries["split"] == split) & queries["query_id"].isin(truth["query_id"])]
-    texts = queries["text"].tolist()
-    # Each side's top max_k, then the hybrid's top k of them, as the service retrieves.
-    searched = max(k, ServeConfig().max_k)
-    candidates = search_shards_both(open_shards(index_dir), encode_queries(model, texts, 64), texts, searched)
+    shards = open_shards(index_dir)
+    queries = read_table(prepared, "queries").to_pandas().astype({"query_id": str})
+    judged = set(truth_table(prepared)["query_id"].astype(str))
+    found = {}
+    for split in splits:
+        chosen = queries[(queries["split"] == split) & queries["query_id"].isin(judged)]
+        texts = chosen["text"].tolist()
+        found[split] = (chosen, search_shards_both(shards, encode_queries(model, texts, 64), texts, depth))
+    return found
+
+
+def top_k_pairs(queries: pd.DataFrame, candidates: list, k: int, weight: float, truth: pd.DataFrame) -> pd.DataFrame:
+    """(query_id, product_id, rank, score, grade) of the hybrid top k of each query's candidates."""
     rows = [
         {"query_id": query_id, "product_id": row["product_id"], "rank": rank, "score": row["score"]}
         for query_id, found in zip(queries["query_id"], candidates)
@@ -65,14 +72,12 @@ def top_k_pairs(run_dir: Path, split: str, k: int, prepared: Path) -> pd.DataFra
     ]
     pairs = pd.DataFrame(rows).merge(truth, on=["query_id", "product_id"], how="left").fillna({"grade": 0})
     exact_in_catalog = truth[truth["query_id"].isin(queries["query_id"]) & (truth["grade"] >= Grade.EXACT)]
-    pairs.attrs.update(exact_in_catalog=len(exact_in_catalog), threshold=thresholds["hybrid"].exact, queries=len(queries))
+    pairs.attrs.update(exact_in_catalog=len(exact_in_catalog), queries=len(queries))
     return pairs
 
 
-def judge_probabilities(pairs: pd.DataFrame, prepared: Path, judge_model: Path) -> tuple[np.ndarray, float]:
+def judge_probabilities(pairs: pd.DataFrame, queries: pd.DataFrame, products: pd.DataFrame, judge_model: Path) -> tuple[np.ndarray, float]:
     """The judge's per-grade probabilities of each pair (row order kept) and its seconds per query."""
-    queries = read_table(prepared, "queries").to_pandas().astype({"query_id": str})
-    products = read_table(prepared, "products").to_pandas().astype({"product_id": str})
     strings, bad = pair_strings(pair_texts(pairs, queries, products))
     if len(bad):
         raise ValueError(f"{len(bad)} pairs the judge cannot read, e.g. {bad.iloc[0].to_dict()}")
@@ -106,17 +111,21 @@ def main() -> None:
           f"{'gold' if read_table(prepared, 'gold') is not None else 'human judgments'}", flush=True)
     print("| K | Exact tier by | cut (chosen on dev) | dev precision / recall (of the top K's exact) | test precision | test recall | shown | judge s/query |")
     print("|---|---|---|---|---|---|---|---|")
+    thresholds, weight = load_retrieval_thresholds(args.run_dir / "index")
+    threshold = thresholds["hybrid"].exact
+    truth = truth_table(prepared)[["query_id", "product_id", "grade"]].astype({"query_id": str, "product_id": str})
+    products = read_table(prepared, "products").to_pandas().astype({"product_id": str})
+    found = hybrid_candidates(args.run_dir, prepared, ("dev", "test"), max(*args.k, ServeConfig().max_k))
     for k in args.k:
         scored = {}
-        for split in ("dev", "test"):
-            pairs = top_k_pairs(args.run_dir, split, k, prepared)
-            probabilities, seconds = judge_probabilities(pairs, prepared, judge_model)
+        for split, (queries, candidates) in found.items():
+            pairs = top_k_pairs(queries, candidates, k, weight, truth)
+            probabilities, seconds = judge_probabilities(pairs, queries, products, judge_model)
             scored[split] = (pairs, probabilities, seconds)
         dev_pairs, dev_probabilities, _ = scored["dev"]
         cut, quality = precision_target_threshold(dev_probabilities[:, Grade.EXACT], dev_pairs["grade"].to_numpy() >= Grade.EXACT, np.ones(len(dev_pairs)), "2|1", target)
         test_pairs, test_probabilities, seconds = scored["test"]
         test_exact = test_probabilities[:, Grade.EXACT]
-        threshold = test_pairs.attrs["threshold"]
         rows = {
             f"index threshold (hybrid score >= {threshold:.4f})": (tier(test_pairs["score"].to_numpy() >= threshold, test_pairs), "-", "-", "-"),
             "judge's grade (argmax) exact": (tier(test_probabilities.argmax(axis=1) == Grade.EXACT, test_pairs), "-", "-", f"{seconds:.3f}"),
