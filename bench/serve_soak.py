@@ -49,7 +49,7 @@ from serve_latency import (  # bench/ is on sys.path when run as a script
     wait_healthy,
 )
 
-from mr_ray.cluster import private_haproxy, use_serve_environment
+from mr_ray.cluster import private_serve_side, use_serve_environment
 
 CLIENT_TIMEOUT_S = 30.0
 
@@ -292,7 +292,7 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per replica, as bench/serve_latency.py
     use_serve_environment()  # as `mr-ray serve` starts its local cluster
     haproxy_dir = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))  # short: HAProxy adds the node id to its socket path (at most 107 bytes)
-    private_haproxy(haproxy_dir)
+    private_serve_side(haproxy_dir, keep_free_defaults=False)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         run_dir = args.run_dir.resolve()

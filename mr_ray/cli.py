@@ -9,6 +9,7 @@ Ray Data or Serve when it runs, so `mr-ray --help` and a refused option answer a
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -130,7 +131,9 @@ def serve_cmd(
 
     cfg = load_config(config)
     check_serve_target(run_dir, host, port)  # before Ray starts: a wrong folder or a taken port is one line
-    init_ray(address)
+    init_ray(address, serving=True)
+    # A service manager's stop (SIGTERM) ends it as Ctrl-C does: Ray shuts down and the files init_ray made are removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve_run(run_dir, cfg.serve, host=host, port=port, blocking=True)
 
 

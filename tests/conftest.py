@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mr_ray.cluster import private_haproxy, use_serve_environment
+from mr_ray.cluster import private_serve_side, use_serve_environment
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,10 +16,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["MR_RAY_CACHE"] = tempfile.mkdtemp(prefix="mr-ray-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MR_RAY_CACHE"], ignore_errors=True)  # ours: this process made it
 use_serve_environment()  # the tests' local cluster serves as `mr-ray serve` does
-# Each test worker's Serve has its own HAProxy files and ports: two workers' clusters (test_serve.py beside
-# test_pages.py) would otherwise both bind Ray's fixed ones, and the second proxy dies.
+# Each test worker's Serve has its own HAProxy files and side ports: two workers' clusters (test_serve.py beside
+# test_pages.py) would otherwise share Ray's fixed ones (mr_ray.cluster.SERVE_SIDE_PORTS says what goes wrong).
 _HAPROXY = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
-private_haproxy(_HAPROXY)
+private_serve_side(_HAPROXY, keep_free_defaults=False)
 atexit.register(shutil.rmtree, _HAPROXY, ignore_errors=True)  # ours: this process made it
 
 REPO = Path(__file__).resolve().parents[1]

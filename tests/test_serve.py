@@ -5,8 +5,15 @@ are checked against one exact FAISS index over the same vectors.
 """
 
 import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -15,14 +22,14 @@ import pytest
 import requests
 import yaml
 
-from mr_ray.cluster import SERVE_ENVIRONMENT
+from mr_ray.cluster import SERVE_ENVIRONMENT, SERVE_SIDE_PORTS, private_serve_side
 from mr_ray.config import ServeConfig, load_config
 from mr_ray.pipeline import run_pipeline
 from mr_ray.retriever.encoder import encode, load_encoder
 from mr_ray.search.shards import open_shards, search_shards_both
 from mr_ray.search.thresholds import GradeThresholds, load_retrieval_thresholds
 from mr_ray.serve.app import ServeArgs, build_app, serve_run
-from mr_ray.serve.ports import free_port
+from mr_ray.serve.ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = ["black leather sofa", "cordless drill 20v", "zapatillas para correr", "stainless steel frying pan 12 inch"]
@@ -278,6 +285,61 @@ def hammer(url: str, n: int, during) -> list[requests.Response]:
         return [f.result() for f in futures]
 
 
+@contextmanager
+def held_as_serves_proxy_holds_it(port: int):
+    """A decoy listening on `port` with SO_REUSEPORT, as Serve's fallback proxy binds it (or whatever on this
+    host holds `port` already: taken all the same)."""
+    with socket.socket() as decoy:
+        decoy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            decoy.bind(("127.0.0.1", port))
+            decoy.listen()
+        except OSError:
+            pass
+        yield
+
+
+def test_mr_ray_serve_beside_another_serve_moves_a_taken_side_port_and_cleans_up_on_sigterm(service, tmp_path):
+    """`mr-ray serve` on a host where another Serve cluster runs (this worker's, and a decoy holding the fallback
+    proxy's default port with SO_REUSEPORT, as Serve's proxy binds it): it moves that side port and says so,
+    answers from its own index, and on SIGTERM (a service manager's stop) shuts its cluster down and removes the
+    HAProxy files it made."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(service["index_dir"], run_dir / "index")
+    # A user's shell: without the HAProxy files and side ports tests/conftest.py gave this worker's cluster.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY") and k not in SERVE_SIDE_PORTS}
+    port, log = free_port(), tmp_path / "serve.log"
+    fallback = SERVE_SIDE_PORTS["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]
+    with held_as_serves_proxy_holds_it(fallback), log.open("w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mr_ray.cli", "serve", "--run-dir", str(run_dir), "--port", str(port)],
+                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+        try:
+            deadline, body = time.monotonic() + 240, {}
+            # Until every shard answers: the ingress can be up a moment before the shard replicas are.
+            while time.monotonic() < deadline and server.poll() is None and body.get("missing_shards", True):
+                time.sleep(1)
+                try:
+                    answer = requests.get(f"http://127.0.0.1:{port}/search", params={"query": QUERIES[0], "k": 5}, timeout=30)
+                    body = answer.json() if answer.status_code == 200 else {}
+                except requests.ConnectionError:
+                    pass
+            haproxy = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"
+                       and any("/mr-ray-haproxy-" in arg for arg in p.info["cmdline"] or [])]
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    output = log.read_text()
+    assert f"Serve side port {fallback} is taken on this host; RAY_SERVE_FALLBACK_PROXY_HTTP_PORT=" in output
+    assert body["missing_shards"] == [] and body["shards"] == 2 and len(body["results"]) == 5
+    # One HAProxy (two while Serve reloads it) with its files in a folder of mr-ray serve's own.
+    folders = {Path(arg).parent for p in haproxy for arg in p.info["cmdline"] if "/mr-ray-haproxy-" in arg}
+    assert haproxy and len(folders) == 1
+    assert not folders.pop().exists() and not any(p.is_running() for p in haproxy)
+    assert "Traceback" not in output
+
+
 def test_killed_shard_replica_is_retried_on_the_other_one(service, exact):
     import ray
 
@@ -331,6 +393,40 @@ def test_http_port_is_answered_by_haproxy(service):
     port = int(service["url"].rsplit(":", 1)[1])
     listeners = [c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
     assert [psutil.Process(pid).name() for pid in listeners] == ["haproxy"]
+
+
+def test_serve_side_ports_are_this_clusters_own(service):
+    """The fallback proxy (where HAProxy sends requests while the app's ingress is unhealthy) and HAProxy's
+    stats and metrics listen on this worker's own ports, not Ray's machine-wide defaults: another Serve cluster
+    on the host shares the fallback port by SO_REUSEPORT and would answer these requests."""
+    import psutil
+
+    def holders(port: int) -> list[str]:
+        return [psutil.Process(c.pid).name() for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+
+    ports = {name: int(os.environ[name]) for name in SERVE_SIDE_PORTS}
+    assert not set(ports.values()) & set(SERVE_SIDE_PORTS.values())
+    assert holders(ports["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) == ["ray::ProxyActor"]
+    assert holders(ports["RAY_SERVE_HAPROXY_STATS_PORT"]) == holders(ports["RAY_SERVE_HAPROXY_METRICS_PORT"]) == ["haproxy"]
+
+
+def test_side_ports_keep_ray_defaults_only_where_free(tmp_path, monkeypatch):
+    """`mr-ray serve` keeps Ray's default side ports a user's dashboards know, and moves one another Serve
+    cluster holds (here a decoy bound like Serve's fallback proxy, with SO_REUSEPORT); side by side, none."""
+    for name in [*SERVE_SIDE_PORTS, "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"]:
+        monkeypatch.setenv(name, "")  # restored after the test: private_serve_side writes os.environ
+    fallback = SERVE_SIDE_PORTS["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]
+    with held_as_serves_proxy_holds_it(fallback):
+        free_before = {name: port_is_free(port) for name, port in SERVE_SIDE_PORTS.items()}
+        moved = private_serve_side(tmp_path / "hap", keep_free_defaults=True)
+    assert not free_before["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] and "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT" in moved
+    assert set(moved) == {name for name, free in free_before.items() if not free}
+    for name, default in SERVE_SIDE_PORTS.items():
+        assert int(os.environ[name]) == moved.get(name, default)
+    assert os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == str(tmp_path / "hap" / "haproxy.cfg")
+    side_by_side = private_serve_side(tmp_path / "hap2", keep_free_defaults=False)
+    assert set(side_by_side) == set(SERVE_SIDE_PORTS) and len(set(side_by_side.values())) == len(SERVE_SIDE_PORTS)
 
 
 def test_serve_configs_validate_and_point_at_the_app():

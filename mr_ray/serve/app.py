@@ -328,7 +328,7 @@ def serve_run(
     """
     index_dir = Path(run_dir).resolve() / "index"
     read_index_manifest(index_dir)  # fail before starting anything when the run has no index
-    init_ray()
+    init_ray(serving=True)
     serve.start(http_options={"host": host, "port": port})
     args = {"index_dir": str(index_dir), **(config or ServeConfig()).model_dump()}
     return serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=blocking)

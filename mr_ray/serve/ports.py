@@ -3,17 +3,36 @@ it starts Ray (a run folder with an index, a port it can listen on), so a mistak
 
 import errno
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 
 from mr_ray.schema import DataError
 from mr_ray.search.shards import read_index_manifest
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different ports on 127.0.0.1 that nothing listens on right now (the OS picks them; all are held
+    until all are picked, so none is given twice)."""
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    return free_ports(1)[0]
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing holds `port` on any address (a bind without SO_REUSEPORT fails even beside a socket that set it)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def check_serve_target(run_dir: Path, host: str, port: int) -> None:
