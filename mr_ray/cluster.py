@@ -56,8 +56,8 @@ SERVE_SIDE_PORTS = {
 
 def private_serve_side(folder: Path, keep_free_defaults: bool) -> dict[str, int]:
     """Give the Serve cluster started from this process HAProxy files in `folder` and side ports of its own:
-    Ray's default where it is free and `keep_free_defaults` (a user's dashboards find them), else one the OS
-    gives (always, for clusters started side by side: a default free now may be taken a moment later).
+    Ray's default where it is free and `keep_free_defaults` (a user's dashboards find them), else a free one
+    (always, for clusters started side by side: a default free now may be taken a moment later).
     Returns the side ports that are not Ray's defaults. `folder` must be short: HAProxy adds the node id to
     its socket path (at most 107 bytes)."""
     folder.mkdir(parents=True, exist_ok=True)

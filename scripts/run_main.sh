@@ -14,8 +14,8 @@ DASHBOARD_PORT="${MR_RAY_DASHBOARD_PORT:-8265}"
 GCS_PORT="${MR_RAY_GCS_PORT:-6379}"
 # Ray's dashboard agent listens on 52365 by default; with another Ray instance on the host holding it, this
 # head would never accept a job. A free port instead, unless MR_RAY_AGENT_PORT names one.
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-port_taken() { ! python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null; }
+free_port() { python -c 'from mr_ray.serve.ports import free_port; print(free_port())'; }  # below the ephemeral range
+port_taken() { ! python -c 'import sys; from mr_ray.serve.ports import port_is_free; sys.exit(not port_is_free(int(sys.argv[1])))' "$1"; }
 AGENT_PORT="${MR_RAY_AGENT_PORT:-$(free_port)}"
 export RAY_AUTH_MODE=disabled  # a local, loopback-only cluster
 export RAY_USAGE_STATS_ENABLED=0

@@ -18,6 +18,9 @@ atexit.register(shutil.rmtree, os.environ["MR_RAY_CACHE"], ignore_errors=True)  
 use_serve_environment()  # the tests' local cluster serves as `mr-ray serve` does
 # Each test worker's Serve has its own HAProxy files and side ports: two workers' clusters (test_serve.py beside
 # test_pages.py) would otherwise share Ray's fixed ones (mr_ray.cluster.SERVE_SIDE_PORTS says what goes wrong).
+# Ports apart too: worker N picks its free ports (side ports, each service's HTTP port) from its own thousand.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+os.environ["MR_RAY_PORT_RANGE"] = f"{20000 + 1000 * (_WORKER % 10)}-{20999 + 1000 * (_WORKER % 10)}"
 _HAPROXY = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
 private_serve_side(_HAPROXY, keep_free_defaults=False)
 atexit.register(shutil.rmtree, _HAPROXY, ignore_errors=True)  # ours: this process made it

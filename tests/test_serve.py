@@ -412,7 +412,8 @@ def test_serve_side_ports_are_this_clusters_own(service):
 
 def test_side_ports_keep_ray_defaults_only_where_free(tmp_path, monkeypatch):
     """`mr-ray serve` keeps Ray's default side ports a user's dashboards know, and moves one another Serve
-    cluster holds (here a decoy bound like Serve's fallback proxy, with SO_REUSEPORT); side by side, none."""
+    cluster holds (here a decoy bound like Serve's fallback proxy, with SO_REUSEPORT); side by side, none,
+    and every port picked lies in MR_RAY_PORT_RANGE (this worker's own, below the kernel's ephemeral range)."""
     for name in [*SERVE_SIDE_PORTS, "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
                  "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"]:
         monkeypatch.setenv(name, "")  # restored after the test: private_serve_side writes os.environ
@@ -427,6 +428,9 @@ def test_side_ports_keep_ray_defaults_only_where_free(tmp_path, monkeypatch):
     assert os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == str(tmp_path / "hap" / "haproxy.cfg")
     side_by_side = private_serve_side(tmp_path / "hap2", keep_free_defaults=False)
     assert set(side_by_side) == set(SERVE_SIDE_PORTS) and len(set(side_by_side.values())) == len(SERVE_SIDE_PORTS)
+    low, high = (int(end) for end in os.environ["MR_RAY_PORT_RANGE"].split("-"))
+    assert all(low <= port <= high for port in [*moved.values(), *side_by_side.values()])
+    assert high < int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
 
 
 def test_serve_configs_validate_and_point_at_the_app():

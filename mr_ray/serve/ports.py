@@ -2,26 +2,35 @@
 it starts Ray (a run folder with an index, a port it can listen on), so a mistake is one line, not a traceback."""
 
 import errno
+import os
+import random
 import socket
-from contextlib import ExitStack
+from itertools import islice
 from pathlib import Path
 
 from mr_ray.schema import DataError
 from mr_ray.search.shards import read_index_manifest
 
+# Free ports are picked below the kernel's ephemeral range (32768-60999 here), where it gives outgoing
+# connections their local ports: a port picked there and bound later (Serve binds its side ports when it starts,
+# a minute on) can meanwhile be taken by any connection, and HAProxy then fails to start (a test run saw it).
+# Above Ray's worker ports (10002-19999), below its direct-ingress ports (30000-31000). MR_RAY_PORT_RANGE
+# ("LOW-HIGH") narrows it, so processes started side by side pick apart (each test worker: tests/conftest.py).
+PORT_RANGE = "20000-29999"
+
 
 def free_ports(count: int) -> list[int]:
-    """`count` different ports on 127.0.0.1 that nothing listens on right now (the OS picks them; all are held
-    until all are picked, so none is given twice)."""
-    with ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+    """`count` different ports, in a random order from MR_RAY_PORT_RANGE, that nothing holds right now."""
+    low, high = (int(end) for end in os.environ.get("MR_RAY_PORT_RANGE", PORT_RANGE).split("-"))
+    candidates = random.sample(range(low, high + 1), high + 1 - low)
+    ports = list(islice((port for port in candidates if port_is_free(port)), count))
+    if len(ports) < count:
+        raise RuntimeError(f"fewer than {count} free ports in {low}-{high} (MR_RAY_PORT_RANGE)")
+    return ports
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    """A port nothing holds right now (see free_ports)."""
     return free_ports(1)[0]
 
 
