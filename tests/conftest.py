@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mr_ray.cluster import private_serve_side, use_serve_environment
+from mr_ray.serve.ports import PORT_RANGE
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,8 +20,8 @@ use_serve_environment()  # the tests' local cluster serves as `mr-ray serve` doe
 # Each test worker's Serve has its own HAProxy files and side ports: two workers' clusters (test_serve.py beside
 # test_pages.py) would otherwise share Ray's fixed ones (mr_ray.cluster.SERVE_SIDE_PORTS says what goes wrong).
 # Ports apart too: worker N picks its free ports (side ports, each service's HTTP port) from its own thousand.
-_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-os.environ["MR_RAY_PORT_RANGE"] = f"{20000 + 1000 * (_WORKER % 10)}-{20999 + 1000 * (_WORKER % 10)}"
+_WORKER_LOW = int(PORT_RANGE.split("-")[0]) + 1000 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % 10)
+os.environ["MR_RAY_PORT_RANGE"] = f"{_WORKER_LOW}-{_WORKER_LOW + 999}"
 _HAPROXY = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
 private_serve_side(_HAPROXY, keep_free_defaults=False)
 atexit.register(shutil.rmtree, _HAPROXY, ignore_errors=True)  # ours: this process made it

@@ -258,14 +258,19 @@ def replica_names(deployment: str) -> list[str]:
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
 
 
-def wait_until_whole(url: str, deadline_s: float = 90.0) -> None:
+def wait_until_whole(url: str, deadline_s: float = 90.0, server: subprocess.Popen | None = None) -> None:
+    """Until a search is answered by every shard: after a kill, or while a service starts (no answer yet, or
+    the ingress up a moment before the shard replicas); gives up early when `server`, its process, has exited."""
     started = time.monotonic()
-    while time.monotonic() - started < deadline_s:
-        body = requests.get(f"{url}/search", params={"query": "sofa"}, timeout=30).json()
-        if not body["missing_shards"]:
-            return
+    while time.monotonic() - started < deadline_s and (server is None or server.poll() is None):
+        try:
+            answer = requests.get(f"{url}/search", params={"query": "sofa"}, timeout=30)
+            if answer.status_code == 200 and not answer.json()["missing_shards"]:
+                return
+        except requests.ConnectionError:
+            pass
         time.sleep(1.0)
-    raise AssertionError("the service did not recover all shards")
+    raise AssertionError("the service did not answer from all shards")
 
 
 def hammer(url: str, n: int, during) -> list[requests.Response]:
@@ -316,15 +321,8 @@ def test_mr_ray_serve_beside_another_serve_moves_a_taken_side_port_and_cleans_up
         server = subprocess.Popen([sys.executable, "-m", "mr_ray.cli", "serve", "--run-dir", str(run_dir), "--port", str(port)],
                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
         try:
-            deadline, body = time.monotonic() + 240, {}
-            # Until every shard answers: the ingress can be up a moment before the shard replicas are.
-            while time.monotonic() < deadline and server.poll() is None and body.get("missing_shards", True):
-                time.sleep(1)
-                try:
-                    answer = requests.get(f"http://127.0.0.1:{port}/search", params={"query": QUERIES[0], "k": 5}, timeout=30)
-                    body = answer.json() if answer.status_code == 200 else {}
-                except requests.ConnectionError:
-                    pass
+            wait_until_whole(f"http://127.0.0.1:{port}", 240, server)
+            body = requests.get(f"http://127.0.0.1:{port}/search", params={"query": QUERIES[0], "k": 5}, timeout=30).json()
             haproxy = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"
                        and any("/mr-ray-haproxy-" in arg for arg in p.info["cmdline"] or [])]
         finally:
